@@ -1,0 +1,1 @@
+"""medfed shared core: config, data, models, privacy, training and metrics (no Flower app code)."""
