@@ -1,0 +1,377 @@
+"""One round of local training at a site, with or without DP-SGD, optionally FedProx.
+
+Framework-independent: it takes a model, a dataset and typed config and returns a
+:class:`TrainResult`; exchanging weights with a server is the caller's job (see
+:func:`model_state`).
+
+Batches may be ``(image, label, ...)`` tuples/lists or mappings with ``"image"`` and
+``"label"`` keys (MONAI style). Labels may be ``(N,)`` or ``(N, 1)`` integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from federation.config.schema import TrainConfig
+from federation.privacy import (
+    SitePrivacy,
+    is_empty_batch,
+    local_steps,
+    noise_only_step,
+    strip_module_prefix,
+    unwrap_model,
+)
+from federation.training.device import seed_everything, select_device, set_threads, use_amp
+from federation.training.results import TrainResult
+
+logger = logging.getLogger(__name__)
+
+MAX_PROXIMAL_FACTOR = 1.0
+"""Cap on ``lr * mu`` in the proximal update (1.0 = move exactly onto the global weights)."""
+
+
+@dataclass
+class _Tally:
+    """Running totals of one round."""
+
+    steps: int = 0
+    empty_steps: int = 0
+    examples: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        """Example-weighted mean loss; NaN when no example was seen."""
+        if self.examples == 0:
+            return math.nan
+        return float(self.loss_sum) / self.examples
+
+
+class _Proximal:
+    """FedProx as post-processing: after each step, ``w <- w - lr * mu * (w - w_global)``.
+
+    Applied to the parameters after ``optimizer.step()`` rather than added to the
+    loss, so it never touches gradients: under DP-SGD, Opacus overwrites ``p.grad``
+    with the clipped, noised per-sample sum, and a data-independent map of the
+    weights is free post-processing. ``lr * mu`` is capped at 1 so a huge ``mu``
+    pulls exactly onto the global weights instead of overshooting.
+    """
+
+    def __init__(self, params: list[nn.Parameter], *, lr: float, mu: float) -> None:
+        self._params = params
+        self._anchor = [p.detach().clone() for p in params]
+        self._factor = min(lr * mu, MAX_PROXIMAL_FACTOR)
+        if lr * mu > MAX_PROXIMAL_FACTOR:
+            logger.debug("FedProx lr*mu=%g capped at %g", lr * mu, MAX_PROXIMAL_FACTOR)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Pull every parameter towards its starting (global) value."""
+        for param, anchor in zip(self._params, self._anchor):
+            param.sub_(self._factor * (param - anchor))
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that receive gradients."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam, with the configured lr and weight decay."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of a collated batch; labels as ``(N,)`` int64.
+
+    Args:
+        batch: A tuple/list whose first two items are images and labels, or a
+            mapping with ``"image"`` and ``"label"`` keys.
+
+    Raises:
+        TypeError: For any other batch layout.
+    """
+    if isinstance(batch, Mapping):
+        images, labels = batch["image"], batch["label"]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        images, labels = batch[0], batch[1]
+    else:
+        raise TypeError(f"cannot split a batch of type {type(batch).__name__} into (image, label)")
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    return torch.as_tensor(images), labels.long()
+
+
+def _endless(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader`` again and again (fresh shuffles / Poisson draws each pass)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("data loader yielded no batches")
+
+
+def _round_seed(seed: int, steps_so_far: int) -> int:
+    """A 32-bit seed from the caller's seed and the site's accountant step count.
+
+    Mixing in the steps already taken gives every DP round fresh sampling and noise
+    streams even when the caller passes the same seed each round (reused noise
+    across rounds would break the independence the privacy analysis assumes).
+    """
+    return int(np.random.SeedSequence([int(seed), int(steps_so_far)]).generate_state(1)[0])
+
+
+def _train_step(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    device: torch.device,
+    amp: bool,
+    private: bool,
+    tally: _Tally,
+) -> None:
+    """One optimizer step; an empty Poisson batch under DP becomes a noise-only step."""
+    optimizer.zero_grad(set_to_none=True)
+    if is_empty_batch(batch):
+        if not private:
+            raise RuntimeError("empty batch outside DP training")
+        noise_only_step(optimizer)  # type: ignore[arg-type]
+        tally.empty_steps += 1
+        tally.steps += 1
+        return
+    images, labels = split_batch(batch)
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with autocast:
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    with warnings.catch_warnings():
+        # Opacus' per-sample-gradient hooks on the first layer trigger this harmless torch warning.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+    optimizer.step()
+    tally.steps += 1
+    tally.examples += int(labels.shape[0])
+    tally.loss_sum = tally.loss_sum + loss.detach() * labels.shape[0]
+
+
+def _run_steps(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[Any],
+    steps: int,
+    device: torch.device,
+    amp: bool,
+    private: bool,
+    proximal: _Proximal | None,
+) -> _Tally:
+    """Take exactly ``steps`` optimizer steps over endlessly repeated ``loader`` batches."""
+    tally = _Tally()
+    batches = _endless(loader)
+    while tally.steps < steps:
+        before = tally.steps
+        _train_step(model=model, optimizer=optimizer, batch=next(batches), device=device,
+                    amp=amp, private=private, tally=tally)
+        if proximal is not None and tally.steps > before:
+            proximal.apply()
+    return tally
+
+
+def _check_privacy_matches(privacy: SitePrivacy, *, num_examples: int, config: TrainConfig) -> None:
+    """Raise ValueError if ``privacy`` was set up for another dataset size or schedule."""
+    if privacy.num_examples != num_examples:
+        raise ValueError(f"SitePrivacy was set up for {privacy.num_examples} examples, dataset has {num_examples}")
+    if privacy.batch_size != config.batch_size or not math.isclose(privacy.local_epochs, config.local_epochs):
+        raise ValueError(
+            f"SitePrivacy was set up for batch_size={privacy.batch_size}, local_epochs={privacy.local_epochs}; "
+            f"train config has batch_size={config.batch_size}, local_epochs={config.local_epochs}"
+        )
+
+
+def _train_private(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    config: TrainConfig,
+    privacy: SitePrivacy,
+    seed: int,
+    device: torch.device,
+    proximal: _Proximal | None,
+) -> _Tally:
+    """DP-SGD for ``privacy.steps_per_round`` steps; checks the accountant saw every step."""
+    before = privacy.total_steps
+    base_loader = DataLoader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
+    dp_model, dp_optimizer, dp_loader = privacy.make_private(
+        model=model, optimizer=optimizer, data_loader=base_loader, seed=seed
+    )
+    try:
+        tally = _run_steps(model=dp_model, optimizer=dp_optimizer, loader=dp_loader,
+                           steps=privacy.steps_per_round, device=device, amp=False,
+                           private=True, proximal=proximal)
+    finally:
+        unwrap_model(dp_model)
+    recorded = privacy.total_steps - before
+    if recorded != tally.steps:
+        raise RuntimeError(f"privacy accountant recorded {recorded} steps but {tally.steps} noisy steps were taken")
+    return tally
+
+
+def _train_plain(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    proximal: _Proximal | None,
+) -> _Tally:
+    """Non-private training: shuffled batches, bf16 autocast on CUDA when configured."""
+    num_examples = len(dataset)  # type: ignore[arg-type]
+    steps = local_steps(num_examples=num_examples, batch_size=config.batch_size, local_epochs=config.local_epochs)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=num_examples > config.batch_size,  # no 1-sample tail batch (BatchNorm)
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=device.type == "cuda",
+    )
+    amp = use_amp(device=device, requested=config.amp, private=False)
+    return _run_steps(model=model, optimizer=optimizer, loader=loader, steps=steps, device=device,
+                      amp=amp, private=False, proximal=proximal)
+
+
+def train_local(
+    *,
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    privacy: SitePrivacy | None,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on the site's data for one federated round.
+
+    Steps: ``ceil(local_epochs * n / min(batch_size, n))`` (see
+    :func:`federation.privacy.local_steps`). Without privacy, batches are shuffled
+    (a tail batch smaller than ``batch_size`` is dropped when ``n > batch_size``) and
+    bf16 autocast is used on CUDA when ``config.amp``. With privacy,
+    :meth:`SitePrivacy.check_round` runs first (raising
+    :class:`~federation.privacy.PrivacyBudgetExhausted` before anything is spent),
+    then DP-SGD runs in fp32 with Poisson batches at ``q = b / n``; an empty Poisson
+    batch is a noise-only step that counts (and is accounted) like any other.
+
+    Args:
+        model: The model, loaded with the global weights. It is trained in place and
+            left on ``device`` in its original train/eval mode, free of Opacus
+            wrappers and hooks; use :func:`model_state` for a clean CPU state_dict.
+        dataset: The site's training set.
+        config: Local training settings.
+        privacy: The site's run-long privacy state, or ``None`` for non-private training.
+        seed: Seeds the global RNGs, shuffling, Poisson sampling and DP noise. Under
+            DP it is mixed with the accountant's step count, so every round gets
+            fresh randomness even if the same seed is passed each time.
+        proximal_mu: FedProx ``mu`` (0 disables): after every step,
+            ``w <- w - min(lr * mu, 1) * (w - w_global)``.
+        device: Where to train; ``None`` selects ``config.device``.
+
+    Returns:
+        The round's :class:`TrainResult`.
+
+    Raises:
+        PrivacyBudgetExhausted: If the round would exceed the site's epsilon budget.
+        ValueError: On an empty dataset, a negative ``proximal_mu``, a privacy set up
+            for another dataset size / schedule, or a DP-incompatible model.
+    """
+    started = time.perf_counter()
+    num_examples = len(dataset)  # type: ignore[arg-type]
+    if num_examples == 0:
+        raise ValueError("cannot train on an empty dataset")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if privacy is not None:
+        _check_privacy_matches(privacy, num_examples=num_examples, config=config)
+        privacy.check_round()
+    device = device if device is not None else select_device(config.device)
+    set_threads(config.num_threads)
+    round_seed = seed if privacy is None else _round_seed(seed, privacy.total_steps)
+    seed_everything(round_seed)
+
+    was_training = model.training
+    model.to(device)
+    model.train()
+    params = _trainable(model)
+    optimizer = _make_optimizer(params, config)
+    proximal = _Proximal(params, lr=config.lr, mu=proximal_mu) if proximal_mu > 0 else None
+    try:
+        if privacy is None:
+            tally = _train_plain(model=model, optimizer=optimizer, dataset=dataset, config=config,
+                                 seed=round_seed, device=device, proximal=proximal)
+        else:
+            tally = _train_private(model=model, optimizer=optimizer, dataset=dataset, config=config,
+                                   privacy=privacy, seed=round_seed, device=device, proximal=proximal)
+    finally:
+        model.train(was_training)
+    return _result(tally=tally, num_examples=num_examples, privacy=privacy, started=started)
+
+
+def _result(*, tally: _Tally, num_examples: int, privacy: SitePrivacy | None, started: float) -> TrainResult:
+    """Build and log the round's TrainResult."""
+    result = TrainResult(
+        num_examples=num_examples,
+        loss=tally.mean_loss,
+        steps=tally.steps,
+        epsilon=privacy.epsilon_spent() if privacy is not None else 0.0,
+        delta=privacy.delta if privacy is not None else 0.0,
+        noise_multiplier=privacy.noise_multiplier if privacy is not None else 0.0,
+        seconds=time.perf_counter() - started,
+    )
+    if privacy is None:
+        logger.info("local round: %d steps, loss %.4f, no DP, %.1fs", result.steps, result.loss, result.seconds)
+    else:
+        logger.info(
+            "local round: %d steps (%d empty), loss %.4f, epsilon %.3f of %g (delta %g, sigma %.3g), %.1fs",
+            result.steps, tally.empty_steps, result.loss, result.epsilon, privacy.target_epsilon,
+            result.delta, result.noise_multiplier, result.seconds,
+        )
+    return result
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return a detached CPU copy of ``model``'s state_dict without Opacus ``_module.`` prefixes.
+
+    Args:
+        model: A plain module or an Opacus-wrapped one.
+
+    Returns:
+        Parameter and buffer names (as the unwrapped model names them) to CPU tensors
+        that share no memory with the model.
+    """
+    state = strip_module_prefix(model.state_dict())
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}

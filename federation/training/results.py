@@ -1,0 +1,69 @@
+"""Results of one round of local training and of one evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one site's local training round produced (besides the weights).
+
+    Attributes:
+        num_examples: Training examples at the site (the FedAvg weight).
+        loss: Mean training loss of the round, weighted by batch size; NaN if every
+            batch was empty. Under DP this value is *not* privatized.
+        steps: Optimizer steps taken (under DP, including noise-only steps).
+        epsilon: Epsilon spent by the site over the whole run after this round
+            (0.0 when DP is off).
+        delta: The delta epsilon is reported at (0.0 when DP is off).
+        noise_multiplier: DP-SGD noise multiplier (0.0 when DP is off).
+        seconds: Wall-clock seconds of the round.
+    """
+
+    num_examples: int
+    loss: float
+    steps: int
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """Return the scalar fields as floats, e.g. for a Flower ``MetricRecord``."""
+        return {
+            "num_examples": float(self.num_examples),
+            "train_loss": float(self.loss),
+            "steps": float(self.steps),
+            "epsilon": float(self.epsilon),
+            "delta": float(self.delta),
+            "noise_multiplier": float(self.noise_multiplier),
+            "seconds": float(self.seconds),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class EvalResult:
+    """Evaluation of a model on a dataset (``eq=False``: it holds NumPy arrays).
+
+    Attributes:
+        num_examples: Examples evaluated.
+        loss: Mean cross-entropy.
+        auc: ROC AUC (one-vs-rest macro for more than two classes; NaN if undefined).
+        accuracy: Fraction of arg-max predictions equal to the label.
+        probs: Softmax probabilities, shape ``(num_examples, num_classes)``.
+        labels: Integer labels, shape ``(num_examples,)``.
+    """
+
+    num_examples: int
+    loss: float
+    auc: float
+    accuracy: float
+    probs: np.ndarray
+    labels: np.ndarray
+
+    def metrics(self) -> dict[str, float]:
+        """Return ``{"loss", "auc", "accuracy"}`` as floats."""
+        return {"loss": float(self.loss), "auc": float(self.auc), "accuracy": float(self.accuracy)}
