@@ -1,0 +1,368 @@
+"""Dataset registry, the :class:`DatasetSplits` container and the cached loader.
+
+A dataset is registered under a name with a *loader*, a callable
+``loader(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSplits`` that
+returns the full dataset at its native image size. :func:`load_dataset` looks the
+name up, calls the loader, takes the ``max_train_samples``/``max_test_samples``
+subsets, resizes to ``image_size`` and caches the result for the process, so that
+many simulated sites in one process share one read-only copy of the arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from federation.config.schema import DataConfig
+from federation.data.paths import resolve_data_dir
+
+logger = logging.getLogger(__name__)
+
+_RESIZE_CHUNK_PIXELS = 1 << 24
+"""Output pixels resized per torch call, to bound the temporary memory."""
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A whole dataset, split into train and test (and, where it exists, val).
+
+    Images are ``float32`` arrays of shape ``(N, C, H, W)`` scaled to ``[0, 1]``;
+    labels are ``int64`` arrays of shape ``(N,)`` with values in
+    ``[0, num_classes)``. Arrays returned by :func:`load_dataset` are read-only
+    and shared by every caller in the process: index them (which copies), never
+    write to them.
+
+    Attributes:
+        name: Registry name of the dataset.
+        train_images: Training images, ``(N, C, H, W)`` float32.
+        train_labels: Training labels, ``(N,)`` int64.
+        test_images: Test images, ``(M, C, H, W)`` float32.
+        test_labels: Test labels, ``(M,)`` int64.
+        num_classes: Number of classes.
+        in_channels: Image channels ``C``.
+        md5: MD5 checksum of the source file; ``None`` for generated data.
+        label_names: One human-readable name per class.
+        val_images: Official validation images, or ``None`` if the dataset has none.
+        val_labels: Official validation labels, or ``None``.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    in_channels: int
+    md5: str | None
+    label_names: tuple[str, ...]
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        """Check shapes, dtypes and label ranges so a faulty loader fails early."""
+        if self.num_classes < 2:
+            raise ValueError(f"dataset '{self.name}': num_classes must be >= 2, got {self.num_classes}")
+        if len(self.label_names) != self.num_classes:
+            raise ValueError(
+                f"dataset '{self.name}': {len(self.label_names)} label_names for {self.num_classes} classes"
+            )
+        splits = [("train", self.train_images, self.train_labels), ("test", self.test_images, self.test_labels)]
+        if (self.val_images is None) != (self.val_labels is None):
+            raise ValueError(f"dataset '{self.name}': val_images and val_labels must both be set or both be None")
+        if self.val_images is not None and self.val_labels is not None:
+            splits.append(("val", self.val_images, self.val_labels))
+        for split, images, labels in splits:
+            where = f"dataset '{self.name}', {split} split"
+            if images.dtype != np.float32 or images.ndim != 4:
+                raise ValueError(
+                    f"{where}: images must be float32 (N, C, H, W), got {images.dtype} {images.shape}"
+                )
+            if images.shape[1] != self.in_channels:
+                raise ValueError(f"{where}: images have {images.shape[1]} channels, in_channels={self.in_channels}")
+            if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
+                raise ValueError(
+                    f"{where}: labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {labels.shape}"
+                )
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"{where}: labels must lie in [0, {self.num_classes}), "
+                    f"found [{labels.min()}, {labels.max()}]"
+                )
+
+    @property
+    def image_size(self) -> int:
+        """Side length ``H`` of the (square) images."""
+        return int(self.train_images.shape[2])
+
+
+DatasetLoader = Callable[..., DatasetSplits]
+"""``loader(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSplits``."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset, without loading it."""
+
+    in_channels: int
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    loader: DatasetLoader
+    site_shift_strength: float
+    info: DatasetInfo | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_dataset(
+    name: str,
+    loader: DatasetLoader,
+    *,
+    site_shift_strength: float = 0.0,
+    info: DatasetInfo | None = None,
+    replace: bool = False,
+) -> None:
+    """Register a dataset loader under ``name``.
+
+    Args:
+        name: Name used in ``data.dataset`` (lower case letters, digits, ``_`` and ``-``).
+        loader: ``loader(*, config, data_dir, seed) -> DatasetSplits`` returning the
+            full dataset at its native image size; subsetting and resizing are done
+            by :func:`load_dataset`.
+        site_shift_strength: Strength of the per-site acquisition shift that
+            :func:`federation.data.load_site_data` applies (0 = none).
+        info: Channels and classes, when fixed for the dataset, so a coordinator
+            without the data can still build the model (:func:`dataset_info`).
+        replace: Allow replacing an existing registration.
+
+    Raises:
+        ValueError: If the name is malformed, already registered (and ``replace`` is
+            false) or the strength is negative.
+    """
+    if not name or name != name.strip().lower() or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"dataset name {name!r} must be non-empty lower case letters, digits, '_' or '-'")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"dataset '{name}' is already registered; pass replace=True to override it")
+    if site_shift_strength < 0:
+        raise ValueError(f"site_shift_strength for '{name}' must be >= 0, got {site_shift_strength}")
+    _REGISTRY[name] = _Entry(loader=loader, site_shift_strength=float(site_shift_strength), info=info)
+    clear_dataset_cache()
+
+
+def available_datasets() -> list[str]:
+    """Return the registered dataset names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r} (data.dataset); available: {', '.join(available_datasets())}"
+        ) from None
+
+
+def dataset_info(config: DataConfig, *, seed: int = 0) -> DatasetInfo:
+    """Channels and classes of ``config.dataset``, loading the data only if they are not registered.
+
+    The coordinator uses this to build the global model: in a deployment it usually
+    holds no patient data at all.
+    """
+    entry = _entry(config.dataset)
+    if entry.info is not None:
+        return entry.info
+    splits = load_dataset(config, seed=seed)
+    return DatasetInfo(in_channels=splits.in_channels, num_classes=splits.num_classes)
+
+
+def site_shift_strength(name: str) -> float:
+    """Return the per-site acquisition-shift strength registered for a dataset.
+
+    Args:
+        name: A registered dataset name.
+
+    Raises:
+        ValueError: If the dataset is unknown.
+    """
+    return _entry(name).site_shift_strength
+
+
+class _LoadKey(NamedTuple):
+    dataset: str
+    data_dir: str
+    download: bool
+    num_samples: int
+    image_size: int
+    max_train_samples: int
+    max_test_samples: int
+    seed: int
+
+
+def load_dataset(config: DataConfig, *, seed: int) -> DatasetSplits:
+    """Load (or reuse from the process cache) the dataset a config names.
+
+    Args:
+        config: The ``data`` section; ``dataset``, ``data_dir``, ``download``,
+            ``num_samples``, ``image_size`` and ``max_*_samples`` are used.
+        seed: Experiment seed (generation of synthetic data and subset choice).
+
+    Returns:
+        The dataset with read-only arrays, shared by all callers with the same key.
+
+    Raises:
+        ValueError: Unknown dataset name or bad data.
+        FileNotFoundError: A dataset file is missing and ``data.download`` is false.
+    """
+    _entry(config.dataset)  # fail fast with the list of names
+    key = _LoadKey(
+        dataset=config.dataset,
+        data_dir=str(resolve_data_dir(config.data_dir)),
+        download=config.download,
+        num_samples=config.num_samples,
+        image_size=config.image_size,
+        max_train_samples=config.max_train_samples,
+        max_test_samples=config.max_test_samples,
+        seed=int(seed),
+    )
+    return _load_cached(key)
+
+
+def clear_dataset_cache() -> None:
+    """Forget every dataset cached by :func:`load_dataset` in this process."""
+    _load_cached.cache_clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(key: _LoadKey) -> DatasetSplits:
+    entry = _entry(key.dataset)
+    config = DataConfig(
+        dataset=key.dataset,
+        data_dir=key.data_dir,
+        download=key.download,
+        num_samples=key.num_samples,
+        image_size=key.image_size,
+        max_train_samples=key.max_train_samples,
+        max_test_samples=key.max_test_samples,
+    )
+    raw = entry.loader(config=config, data_dir=Path(key.data_dir), seed=key.seed)
+    if not isinstance(raw, DatasetSplits):
+        raise TypeError(f"loader of dataset '{key.dataset}' returned {type(raw).__name__}, expected DatasetSplits")
+
+    train_images, train_labels = raw.train_images, raw.train_labels
+    test_images, test_labels = raw.test_images, raw.test_labels
+    if 0 < key.max_train_samples < len(train_labels):
+        idx = stratified_subset(train_labels, n=key.max_train_samples, seed=_derive_seed(key.seed, 11))
+        train_images, train_labels = train_images[idx], train_labels[idx]
+    if 0 < key.max_test_samples < len(test_labels):
+        idx = stratified_subset(test_labels, n=key.max_test_samples, seed=_derive_seed(key.seed, 12))
+        test_images, test_labels = test_images[idx], test_labels[idx]
+    val_images = raw.val_images
+    if raw.image_size != key.image_size:
+        train_images = resize_images(train_images, size=key.image_size)
+        test_images = resize_images(test_images, size=key.image_size)
+        if val_images is not None:
+            val_images = resize_images(val_images, size=key.image_size)
+
+    arrays = [train_images, train_labels, test_images, test_labels, val_images, raw.val_labels]
+    for i, array in enumerate(arrays):
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            array.setflags(write=False)
+            arrays[i] = array
+    splits = DatasetSplits(
+        name=raw.name,
+        train_images=arrays[0],
+        train_labels=arrays[1],
+        test_images=arrays[2],
+        test_labels=arrays[3],
+        num_classes=raw.num_classes,
+        in_channels=raw.in_channels,
+        md5=raw.md5,
+        label_names=raw.label_names,
+        val_images=arrays[4],
+        val_labels=arrays[5],
+    )
+    logger.info(
+        "dataset %s: %d train / %d test images, %d classes, %dx%dx%d",
+        splits.name,
+        len(splits.train_labels),
+        len(splits.test_labels),
+        splits.num_classes,
+        splits.in_channels,
+        splits.image_size,
+        splits.image_size,
+    )
+    return splits
+
+
+def _derive_seed(seed: int, stream: int) -> int:
+    """Derive an independent 63-bit seed from ``seed`` for a numbered purpose."""
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def stratified_subset(labels: np.ndarray, *, n: int, seed: int) -> np.ndarray:
+    """Choose ``n`` indices at random, keeping class proportions (largest remainder).
+
+    Every class present keeps at least one sample when ``n`` allows it.
+
+    Args:
+        labels: Integer labels, shape ``(N,)``.
+        n: Number of indices to keep, ``1 <= n <= N``.
+        seed: Seed of the random choice.
+
+    Returns:
+        Sorted ``int64`` indices into ``labels``.
+
+    Raises:
+        ValueError: If ``n`` is out of range.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if not 1 <= n <= total:
+        raise ValueError(f"subset size must be in [1, {total}], got {n}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / total
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: n - int(quota.sum())]] += 1
+    if n >= len(classes):
+        while (quota == 0).any():
+            quota[np.argmax(quota)] -= 1
+            quota[np.flatnonzero(quota == 0)[0]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False) for c, q in zip(classes, quota) if q
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def resize_images(images: np.ndarray, *, size: int) -> np.ndarray:
+    """Resize ``(N, C, H, W)`` float images to ``size x size`` (bilinear, antialiased).
+
+    Args:
+        images: Float images in ``[0, 1]``.
+        size: Output side length.
+
+    Returns:
+        A new float32 array ``(N, C, size, size)`` clipped to ``[0, 1]``.
+    """
+    n, c = images.shape[:2]
+    out = np.empty((n, c, size, size), dtype=np.float32)
+    step = max(1, _RESIZE_CHUNK_PIXELS // (c * size * size))
+    for start in range(0, n, step):
+        chunk = torch.from_numpy(np.array(images[start : start + step], dtype=np.float32))
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + step] = resized.clamp_(0.0, 1.0).numpy()
+    return out

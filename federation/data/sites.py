@@ -1,0 +1,223 @@
+"""Per-site views of a pooled dataset: what one simulated hospital holds."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from federation.config.schema import DataConfig
+from federation.data.paths import resolve_data_dir
+from federation.data.partition import partition_indices, partition_like
+from federation.data.registry import DatasetSplits, _derive_seed, load_dataset, site_shift_strength
+from federation.data.synthetic import apply_site_shift
+
+logger = logging.getLogger(__name__)
+
+_TRAIN_PARTITION_STREAM = 201
+_TEST_PARTITION_STREAM = 202
+
+
+@dataclass
+class SiteData:
+    """The data one site trains and evaluates on.
+
+    Attributes:
+        name: ``"site-<k>"``, 1-based.
+        train: ``TensorDataset(images float32 (N, C, H, W), labels int64 (N,))``.
+        test: The site's own test split, same layout.
+        num_classes: Number of classes of the dataset.
+        in_channels: Image channels.
+        label_counts: Training samples per class, every class listed (0 if absent).
+        test_label_counts: Test samples per class, every class listed.
+    """
+
+    name: str
+    train: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    in_channels: int
+    label_counts: dict[int, int]
+    test_label_counts: dict[int, int] = field(default_factory=dict)
+
+
+def site_name(site_index: int) -> str:
+    """Return the display name of a zero-based site index (``site-1`` for 0)."""
+    return f"site-{site_index + 1}"
+
+
+def _counts(labels: np.ndarray, num_classes: int) -> dict[int, int]:
+    counts = np.bincount(labels, minlength=num_classes)
+    return {int(k): int(counts[k]) for k in range(num_classes)}
+
+
+def _num_sites(config: DataConfig, num_sites: int | None) -> int:
+    sites = config.num_sites if num_sites is None else int(num_sites)
+    if sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {sites}")
+    return sites
+
+
+@functools.lru_cache(maxsize=16)
+def _partitions_cached(
+    config_json: str, seed: int, num_sites: int
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    config = DataConfig.model_validate_json(config_json)
+    splits = load_dataset(config, seed=seed)
+    try:
+        train = partition_indices(
+            splits.train_labels,
+            num_sites=num_sites,
+            scheme=config.partition,
+            alpha=config.alpha,
+            seed=_derive_seed(seed, _TRAIN_PARTITION_STREAM),
+            min_site_size=config.min_site_size,
+        )
+    except ValueError as exc:
+        raise ValueError(f"dataset '{config.dataset}', training split: {exc}") from exc
+    try:
+        test = partition_like(
+            splits.test_labels,
+            reference_labels=splits.train_labels,
+            reference_parts=train,
+            seed=_derive_seed(seed, _TEST_PARTITION_STREAM),
+            min_site_size=1,
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"dataset '{config.dataset}', test split (every site needs >= 1 test sample; "
+            f"data.max_test_samples={config.max_test_samples} caps it): {exc}"
+        ) from exc
+    for part in (*train, *test):
+        part.setflags(write=False)
+    return tuple(train), tuple(test)
+
+
+def site_partitions(
+    config: DataConfig, *, seed: int, num_sites: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Return the train and test index arrays of every site (cached per process).
+
+    Args:
+        config: The ``data`` section.
+        seed: Experiment seed.
+        num_sites: Number of sites; defaults to ``config.num_sites``.
+
+    Returns:
+        ``(train_parts, test_parts)``: one sorted, read-only index array per site
+        into the pooled train / test split of :func:`load_dataset`.
+
+    Raises:
+        ValueError: If the split is impossible (see :func:`partition_indices`).
+    """
+    sites = _num_sites(config, num_sites)
+    resolved = config.model_copy(update={"data_dir": str(resolve_data_dir(config.data_dir))})
+    train, test = _partitions_cached(resolved.model_dump_json(), int(seed), sites)
+    return list(train), list(test)
+
+
+def _tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(np.array(labels, dtype=np.int64)))
+
+
+def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites: int | None = None) -> SiteData:
+    """Return the training and test data of one site.
+
+    The pooled train split is partitioned with :func:`partition_indices`
+    (``data.partition``, ``data.alpha``, ``data.min_site_size``); the pooled test
+    split is cut with :func:`partition_like` in the same per-class proportions
+    (other random draws), so each site has its own test data whose size and label
+    mix mirror its training data (at least one test sample per site). For datasets
+    registered with a site shift (``synthetic``) the site's train and test images
+    pass through :func:`apply_site_shift`.
+
+    Args:
+        config: The ``data`` section.
+        seed: Experiment seed.
+        site_index: Zero-based site number, ``0 <= site_index < num_sites``.
+        num_sites: Number of sites; defaults to ``config.num_sites``.
+
+    Returns:
+        The site's :class:`SiteData` (its own tensors; the pooled arrays are shared).
+
+    Raises:
+        ValueError: If ``site_index`` is out of range or the split is impossible.
+    """
+    sites = _num_sites(config, num_sites)
+    if not 0 <= site_index < sites:
+        raise ValueError(f"site_index={site_index} is out of range: there are {sites} sites (0..{sites - 1})")
+    splits: DatasetSplits = load_dataset(config, seed=seed)
+    train_parts, test_parts = site_partitions(config, seed=seed, num_sites=sites)
+    train_idx, test_idx = train_parts[site_index], test_parts[site_index]
+    train_images = splits.train_images[train_idx]
+    test_images = splits.test_images[test_idx]
+    strength = site_shift_strength(config.dataset)
+    if strength > 0:
+        train_images = apply_site_shift(train_images, site_index=site_index, seed=seed, strength=strength)
+        test_images = apply_site_shift(
+            test_images, site_index=site_index, seed=seed, strength=strength, noise_stream=1
+        )
+    train_labels, test_labels = splits.train_labels[train_idx], splits.test_labels[test_idx]
+    site = SiteData(
+        name=site_name(site_index),
+        train=_tensors(train_images, train_labels),
+        test=_tensors(test_images, test_labels),
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        label_counts=_counts(train_labels, splits.num_classes),
+        test_label_counts=_counts(test_labels, splits.num_classes),
+    )
+    logger.debug(
+        "%s: %d train %s, %d test %s",
+        site.name,
+        len(train_idx),
+        site.label_counts,
+        len(test_idx),
+        site.test_label_counts,
+    )
+    return site
+
+
+def load_central_test(config: DataConfig, *, seed: int) -> TensorDataset:
+    """Return the whole pooled test split, without site shifts (server-side evaluation).
+
+    Args:
+        config: The ``data`` section.
+        seed: Experiment seed.
+
+    Returns:
+        ``TensorDataset(images float32 (M, C, H, W), labels int64 (M,))`` (a private copy).
+    """
+    splits = load_dataset(config, seed=seed)
+    return _tensors(np.array(splits.test_images), splits.test_labels)
+
+
+def describe_sites(config: DataConfig, *, seed: int, num_sites: int | None = None) -> list[dict[str, Any]]:
+    """Summarise every site's share of the data (for logs and reports).
+
+    Args:
+        config: The ``data`` section.
+        seed: Experiment seed.
+        num_sites: Number of sites; defaults to ``config.num_sites``.
+
+    Returns:
+        One dict per site: ``name``, ``n_train``, ``n_test``, ``label_counts`` (train)
+        and ``test_label_counts``, each count dict listing every class.
+    """
+    splits = load_dataset(config, seed=seed)
+    train_parts, test_parts = site_partitions(config, seed=seed, num_sites=num_sites)
+    return [
+        {
+            "name": site_name(i),
+            "n_train": int(len(tr)),
+            "n_test": int(len(te)),
+            "label_counts": _counts(splits.train_labels[tr], splits.num_classes),
+            "test_label_counts": _counts(splits.test_labels[te], splits.num_classes),
+        }
+        for i, (tr, te) in enumerate(zip(train_parts, test_parts))
+    ]
