@@ -225,7 +225,19 @@ def to_flat(config: ExperimentConfig) -> dict[str, Scalar]:
 
 
 def from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> ExperimentConfig:
-    """Rebuild and validate a config from a flat run config (as Flower delivers it)."""
+    """Rebuild and validate a config from a flat run config (as Flower delivers it).
+
+    Every key must be present: a run config that silently fell back to defaults
+    (e.g. an app whose ``[tool.flwr.app.config]`` is incomplete) is an error.
+    """
+    missing = [key for key in valid_keys() if key not in flat]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        raise ConfigError(
+            [f"{len(missing)} key(s) missing: {shown}; the Flower app's [tool.flwr.app.config] "
+             "must list every medfed key (see pyproject.toml)"],
+            source=source,
+        )
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         _set_dotted(tree, key, value)

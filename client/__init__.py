@@ -1,0 +1,1 @@
+"""medfed ClientApp: what runs at each hospital site."""

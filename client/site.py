@@ -1,0 +1,208 @@
+"""What a hospital site does in a round, as plain functions with no Flower types.
+
+The ClientApp (:mod:`client.app`) only turns Flower Messages into calls of these
+functions and their results back into Messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from federation.config import ExperimentConfig
+from federation.data import SiteData, load_site_data
+from federation.models import build_model
+from federation.privacy import PrivacyBudgetExhausted, SitePrivacy
+from federation.training import evaluate, model_state, select_device, train_local
+
+logger = logging.getLogger(__name__)
+
+#: Node-config keys a SuperNode may set (``flower-supernode --node-config``).
+NODE_SITE_NAME = "site-name"
+NODE_DATA_DIR = "data-dir"
+NODE_STATE_DIR = "state-dir"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where a site is and which slice of data it holds, from Flower's node config."""
+
+    name: str
+    site_index: int
+    num_sites: int
+    data_dir: str
+    state_dir: Path
+
+
+def site_settings(
+    *, node_config: Mapping[str, Any], config: ExperimentConfig, run_name: str
+) -> SiteSettings:
+    """Resolve a site's settings from its node config, falling back to the run config.
+
+    In simulation Flower sets only ``partition-id`` and ``num-partitions``; a real
+    SuperNode sets ``site-name``, ``data-dir`` and ``state-dir`` as well.
+
+    Args:
+        node_config: Flower node config of this SuperNode.
+        config: The run's experiment config.
+        run_name: Name of the run (keys the site's privacy state on disk).
+    """
+    if NODE_PARTITION_ID in node_config:
+        site_index = int(node_config[NODE_PARTITION_ID])
+        num_sites = int(node_config.get(NODE_NUM_PARTITIONS, config.data.num_sites))
+    else:
+        site_index, num_sites = 0, 1
+    name = str(node_config.get(NODE_SITE_NAME, f"site-{site_index + 1}"))
+    data_dir = str(node_config.get(NODE_DATA_DIR, config.data.data_dir))
+    if NODE_STATE_DIR in node_config:
+        base = Path(str(node_config[NODE_STATE_DIR])).expanduser()
+    else:
+        # A simulated site keeps its "disk" inside the run directory.
+        base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
+    return SiteSettings(
+        name=name,
+        site_index=site_index,
+        num_sites=num_sites,
+        data_dir=data_dir,
+        state_dir=base / name,
+    )
+
+
+def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
+    """Load this site's train and test split (cached per process by the data layer)."""
+    data_config = config.data.model_copy(update={"data_dir": settings.data_dir})
+    return load_site_data(
+        data_config, seed=config.seed, site_index=settings.site_index, num_sites=settings.num_sites
+    )
+
+
+def _build(config: ExperimentConfig, data: SiteData) -> torch.nn.Module:
+    return build_model(
+        config.model,
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        dp=config.privacy.enabled,
+    )
+
+
+def _privacy_path(settings: SiteSettings) -> Path:
+    return settings.state_dir / "privacy.json"
+
+
+def load_privacy(
+    config: ExperimentConfig, settings: SiteSettings, num_examples: int
+) -> SitePrivacy | None:
+    """The site's accountant for the whole run, restored from its disk when present."""
+    if not config.privacy.enabled:
+        return None
+    privacy = SitePrivacy(
+        config=config.privacy,
+        num_examples=num_examples,
+        batch_size=config.train.batch_size,
+        local_epochs=config.train.local_epochs,
+        planned_rounds=config.server.rounds,
+    )
+    path = _privacy_path(settings)
+    if path.is_file():
+        try:
+            privacy.load_state_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(
+                f"site {settings.name}: privacy state {path} is unreadable ({err}); "
+                "it records the privacy budget already spent, so it is never reset "
+                "silently: restore it from backup or start a new run name"
+            ) from err
+    return privacy
+
+
+def save_privacy(privacy: SitePrivacy, settings: SiteSettings) -> None:
+    """Write the accountant state atomically (a crash never leaves half a file)."""
+    path = _privacy_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".privacy-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(privacy.state_dict(), handle)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A round's result at a site: new weights and whitelisted metrics, or a refusal."""
+
+    weights: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    refusal: str | None = None
+
+
+def train_round(
+    *,
+    config: ExperimentConfig,
+    settings: SiteSettings,
+    global_weights: Mapping[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> TrainOutcome:
+    """Train the global model on this site's data for one round.
+
+    Returns a refusal instead of training when the site's privacy budget would be
+    exceeded by this round.
+    """
+    data = load_data(config, settings)
+    model = _build(config, data)
+    model.load_state_dict(dict(global_weights))
+    privacy = load_privacy(config, settings, num_examples=len(data.train))
+    try:
+        result = train_local(
+            model=model,
+            dataset=data.train,
+            config=config.train,
+            privacy=privacy,
+            seed=config.seed * 100_003 + server_round * 1_009 + settings.site_index,
+            proximal_mu=proximal_mu,
+            device=select_device(config.train.device),
+        )
+    except PrivacyBudgetExhausted as refusal:
+        logger.warning("site %s refuses round %d: %s", settings.name, server_round, refusal.reason)
+        return TrainOutcome(weights=None, metrics={}, refusal=f"{settings.name}: {refusal.reason}")
+    if privacy is not None:
+        save_privacy(privacy, settings)
+    metrics = {
+        "num-examples": float(result.num_examples),
+        "train-loss": float(result.loss),
+        "epsilon": float(result.epsilon),
+        "delta": float(result.delta),
+        "noise-multiplier": float(result.noise_multiplier),
+        "steps": float(result.steps),
+        "seconds": float(result.seconds),
+    }
+    return TrainOutcome(weights=model_state(model), metrics=metrics)
+
+
+def evaluate_round(
+    *, config: ExperimentConfig, settings: SiteSettings, global_weights: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """Evaluate the global model on this site's own test split."""
+    data = load_data(config, settings)
+    model = _build(config, data)
+    model.load_state_dict(dict(global_weights))
+    result = evaluate(
+        model=model,
+        dataset=data.test,
+        batch_size=max(256, config.train.batch_size),
+        device=select_device(config.train.device),
+    )
+    return {
+        "num-examples": float(result.num_examples),
+        "loss": float(result.loss),
+        "auc": float(result.auc),
+        "accuracy": float(result.accuracy),
+    }

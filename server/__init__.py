@@ -1,0 +1,1 @@
+"""medfed ServerApp: the coordinator (aggregation, checkpoints, run records)."""

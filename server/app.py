@@ -1,0 +1,134 @@
+"""medfed ServerApp: the coordinator's round loop.
+
+The ServerApp reads the run config, then :func:`run_federation` builds the model
+and the strategy chosen by name, and drives Flower's own ``Strategy.start()``
+loop. Checkpoints, per-round records and central evaluation happen in the
+``evaluate_fn`` hook that ``start()`` calls after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from federation.config import ExperimentConfig, from_flat
+from federation.data import dataset_info, load_central_test
+from federation.models import build_model
+from federation.training import evaluate, select_device
+from server.recording import RecordingStrategy
+from server.run_dir import ROUNDS_FILE, Checkpoint, RunDirectory
+from server.summary import build_summary
+from strategies import QuorumStrategy, build_strategy, load_strategy_state, strategy_state
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls on the coordinator."""
+    config = from_flat(context.run_config, source="run config")
+    run_federation(grid=grid, config=config)
+
+
+def _open_run(config: ExperimentConfig) -> RunDirectory:
+    return RunDirectory.resume(config) if config.server.resume else RunDirectory.create(config)
+
+
+def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
+    info = dataset_info(config.data)
+    torch.manual_seed(config.seed)
+    return build_model(
+        config.model,
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        dp=config.privacy.enabled,
+    )
+
+
+def _round_end_hook(
+    *,
+    config: ExperimentConfig,
+    run: RunDirectory,
+    model: torch.nn.Module,
+    recorder: RecordingStrategy,
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round."""
+    test_set = load_central_test(config.data, seed=config.seed) if config.server.central_eval else None
+    device = select_device(config.train.device)
+
+    def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = recorder.true_round(server_round)
+        if server_round == 0 and recorder.round_offset > 0:
+            return None  # round 0 of a resumed run was recorded by the first process
+        global_metrics: dict[str, float] = {}
+        if test_set is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            result = evaluate(model=model, dataset=test_set, device=device)
+            global_metrics = result.metrics()
+        record = recorder.pop_round() if server_round > 0 else {"round": 0}
+        record.update({"round": rnd, "global": global_metrics, "time": time.time() - run.started})
+        run.append(ROUNDS_FILE, record)
+        if server_round > 0:
+            run.save_checkpoint(
+                Checkpoint(
+                    round=rnd,
+                    weights=arrays.to_torch_state_dict(),
+                    strategy_state=strategy_state(recorder.inner),
+                )
+            )
+        logger.info("round %d done: %s", rnd, {k: round(v, 4) for k, v in global_metrics.items()})
+        return MetricRecord(global_metrics) if global_metrics else None
+
+    return on_round_end
+
+
+def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
+    """Run (or resume) a whole federation and write its run directory.
+
+    Args:
+        grid: Flower's Grid, connecting to the sites.
+        config: The validated experiment config.
+
+    Returns:
+        The run directory.
+    """
+    run = _open_run(config)
+    model = _initial_model(config)
+    arrays = ArrayRecord(model.state_dict())
+    strategy = build_strategy(config.strategy, num_sites=config.data.num_sites)
+    done = 0
+    checkpoint = run.load_checkpoint() if config.server.resume else None
+    if checkpoint is not None:
+        done = checkpoint.round
+        arrays = ArrayRecord(checkpoint.weights)
+        load_strategy_state(strategy, checkpoint.strategy_state)
+    remaining = config.server.rounds - done
+    if remaining <= 0:
+        logger.info("run %s already completed %d of %d rounds", run.path, done, config.server.rounds)
+    else:
+        recorder = RecordingStrategy(
+            QuorumStrategy(inner=strategy, min_replies=config.strategy.min_sites), run=run, round_offset=done
+        )
+        round_config = ConfigRecord({"run-name": run.name})
+        recorder.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=config.server.round_timeout,
+            train_config=round_config,
+            evaluate_config=ConfigRecord({"run-name": run.name}),
+            evaluate_fn=_round_end_hook(config=config, run=run, model=model, recorder=recorder),
+        )
+    summary: dict[str, Any] = build_summary(run=run, config=config)
+    run.write_summary(summary)
+    logger.info("run finished: %s", run.path.resolve())
+    return run.path

@@ -1,0 +1,1 @@
+"""Simulation harness: scenario presets and whole federations on one machine."""

@@ -1,0 +1,125 @@
+"""Run the medfed ClientApp and ServerApp on Flower's simulation engine (Ray).
+
+Why not ``flwr run``/``run_simulation``? In flwr 1.42 the public
+``run_simulation()`` is deprecated and gives both apps an *empty* run config, and
+``flwr run`` on a local SuperLink starts a detached SuperLink process that
+outlives the command and, unless told otherwise, installs the app's dependencies
+with uv (a GB-size CUDA torch). Both need the network or leave processes behind.
+
+So the harness drives the same engine entry point that Flower's own
+``flwr-simulation`` process uses (``_run_simulation``), in this process, with:
+
+* a :class:`~flwr.supercore.run.Run` whose ``override_config`` is the complete,
+  validated medfed config in run-config form, and an app directory holding a
+  generated ``pyproject.toml`` whose ``[tool.flwr.app.config]`` lists the same
+  keys, so every virtual SuperNode gets the full run config exactly as a real
+  SuperNode would from a FAB;
+* the very ``client.app:app`` and ``server.app:app`` objects a deployment runs.
+
+Ray is shut down when the run ends, so nothing is left running. The private
+entry point is pinned by the ``flwr`` version range in pyproject.toml and
+exercised by the integration tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from federation.config import ExperimentConfig, to_flat
+
+logger = logging.getLogger(__name__)
+
+
+def write_app_dir(directory: Path, config: ExperimentConfig) -> Path:
+    """Write the minimal Flower App config Flower needs to fuse the run config."""
+    project = {
+        "project": {"name": "medfed-simulation", "version": "0.1.0"},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "medfed",
+                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "config": config.model_dump(),
+                }
+            }
+        },
+    }
+    (directory / "pyproject.toml").write_bytes(tomli_w.dumps(project).encode())
+    return directory
+
+
+def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any]:
+    cpus = os.cpu_count() or 1
+    return {
+        "client_resources": {
+            "num_cpus": min(config.simulation.cpus_per_site, cpus),
+            "num_gpus": config.simulation.gpus_per_site,
+        },
+        "init_args": {
+            "num_cpus": cpus,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+
+
+def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
+    """Run one simulated federation to completion; returns when Ray has stopped.
+
+    Args:
+        config: A resolved config (absolute paths, fixed run name).
+        verbose: Show Flower's and Ray's logs.
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    flat = to_flat(config)
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.override_config = dict(flat)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
+    with tempfile.TemporaryDirectory(prefix="medfed-app-") as tmp:
+        app_dir = write_app_dir(Path(tmp), config)
+        try:
+            _run_simulation(
+                num_supernodes=config.data.num_sites,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=_backend_config(config, verbose=verbose),
+                server_app_context=context,
+                app_dir=str(app_dir),
+                run=run,
+                is_app=True,  # makes every SuperNode fuse its run config from app_dir
+                verbose_logging=verbose,
+            )
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()

@@ -1,0 +1,109 @@
+"""Read a run directory back: a per-round table and PNG plots."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from server.run_dir import PRIVACY_FILE, ROUNDS_FILE, SITES_FILE, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def round_table(run_dir: Path) -> Table:
+    """One row per round: global AUC/accuracy/loss, mean site AUC, max ε, who took part."""
+    rounds = read_jsonl(run_dir / ROUNDS_FILE)
+    epsilon = _epsilon_by_round(run_dir)
+    table = Table(title=f"medfed run {run_dir.name}")
+    for column in ("round", "global AUC", "global acc", "global loss", "site AUC", "train loss", "max ε", "sites", "refused/failed"):
+        table.add_column(column, justify="right")
+    for row in rounds:
+        rnd = row["round"]
+        glob = row.get("global") or {}
+        evaluate = row.get("evaluate") or {}
+        train = row.get("train") or {}
+        eps = epsilon.get(rnd, {})
+        issues = len(row.get("refused") or {}) + len(row.get("failed") or {})
+        table.add_row(
+            str(rnd),
+            _fmt(glob.get("auc")),
+            _fmt(glob.get("accuracy")),
+            _fmt(glob.get("loss")),
+            _fmt(evaluate.get("auc")),
+            _fmt(train.get("train-loss")),
+            _fmt(max(eps.values()) if eps else None, 2),
+            str(len(row.get("sites") or {})) if rnd else "–",
+            str(issues) if rnd else "–",
+        )
+    return table
+
+
+def _epsilon_by_round(run_dir: Path) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = defaultdict(dict)
+    for row in read_jsonl(run_dir / PRIVACY_FILE):
+        out[int(row["round"])][row["site"]] = float(row["epsilon"])
+    return out
+
+
+def _site_series(run_dir: Path, phase: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for row in read_jsonl(run_dir / SITES_FILE):
+        value = row["metrics"].get(metric)
+        if row["phase"] == phase and value is not None:
+            series[row["site"]][0].append(int(row["round"]))
+            series[row["site"]][1].append(float(value))
+    return dict(sorted(series.items()))
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """Save ``global_auc.png``, ``site_auc.png`` and ``epsilon.png`` under ``plots/``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run_dir / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    rounds = [r for r in read_jsonl(run_dir / ROUNDS_FILE) if (r.get("global") or {}).get("auc") is not None]
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["round"] for r in rounds], [r["global"]["auc"] for r in rounds], marker="o")
+    ax.set(xlabel="round", ylabel="test AUC (global model, pooled test set)", title="Global AUC per round")
+    ax.grid(alpha=0.3)
+    save(fig, "global_auc.png")
+
+    for phase, metric, name, label in (
+        ("evaluate", "auc", "site_auc.png", "AUC on the site's own test split"),
+        ("train", "epsilon", "epsilon.png", "ε spent (δ as configured)"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for site, (xs, ys) in _site_series(run_dir, phase, metric).items():
+            ax.plot(xs, ys, marker=".", label=site)
+        ax.set(xlabel="round", ylabel=label, title=f"{label.split(' (')[0]} per site")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        save(fig, name)
+    return written
