@@ -416,9 +416,10 @@ def test_quorum_runs_inside_flower_start_loop() -> None:
         initial_arrays=ArrayRecord({"w": Array(np.zeros(2))}),
         num_rounds=2,
     )
-    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.array([2.0, 4.0]))
+    # Node sampling order is random, so the sums may differ in the last bit.
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.array([2.0, 4.0]), rtol=1e-12)
     assert sorted(strategy.last_refusals) == [(2, "budget"), (3, "budget")]
-    assert dict(result.evaluate_metrics_clientapp[2]) == {"acc": 2.0}
+    assert dict(result.evaluate_metrics_clientapp[2]) == {"acc": pytest.approx(2.0, rel=1e-12)}
 
 
 def test_unwrap_follows_inner() -> None:
