@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.site_cli import site_app
 from federation.config import ConfigError, to_yaml, valid_keys
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate
 from simulations.report import round_table, write_plots
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+app.add_typer(site_app, name="site", help="Hospital-side tools: check a DICOM site folder, make a demo site.")
 
 ConfigOpt = Annotated[
     Optional[str], typer.Option("--config", "-c", help="Preset YAML file, or a preset name from simulations/configs.")

@@ -40,6 +40,16 @@ class DataConfig(_Section):
     max_test_samples: int = Field(0, ge=0, description="Cap on the pooled test set (0 = all).")
     num_samples: int = Field(1200, ge=8, description="Synthetic dataset only: total images generated.")
     image_size: int = Field(28, ge=8, le=1024, description="Side length the images are given to the model at.")
+    dicom_labels: str = Field("labels.csv", description="dicom: labels CSV, relative to data_dir or absolute.")
+    dicom_key_column: str = Field("sop_instance_uid", description="dicom: CSV column with SOP Instance UID or relative path.")
+    dicom_label_column: str = Field("label", description="dicom: CSV column holding the class.")
+    dicom_modalities: str = Field("", description="dicom: allowed modalities, comma separated (empty = all).")
+    dicom_label_names: str = Field("", description="dicom: class names in index order, comma separated (empty = inferred).")
+    dicom_frames: Literal["first", "middle", "all"] = Field("first", description="dicom: frames used of multi-frame files.")
+    dicom_channels: int = Field(0, ge=0, le=3, description="dicom: 0 = auto, 1 or 3.")
+    dicom_normalize: Literal["auto", "range", "minmax"] = Field("auto", description="dicom: intensity scaling to [0, 1].")
+    dicom_cache_dir: str = Field("", description="dicom: header index folder (empty = inside data_dir).")
+    dicom_test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="dicom: patients held out as the local test split.")
 
 
 class ModelConfig(_Section):

@@ -74,3 +74,8 @@ __all__ = [
     "site_shift_strength",
     "stratified_subset",
 ]
+
+# DICOM folders (a hospital's own images) register last: they build on the registry.
+from federation.data.dicom import load_dicom_splits as _load_dicom_splits  # noqa: E402
+
+register_dataset("dicom", _load_dicom_splits, replace=True)
