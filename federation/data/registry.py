@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -199,17 +198,6 @@ def site_shift_strength(name: str) -> float:
     return _entry(name).site_shift_strength
 
 
-class _LoadKey(NamedTuple):
-    dataset: str
-    data_dir: str
-    download: bool
-    num_samples: int
-    image_size: int
-    max_train_samples: int
-    max_test_samples: int
-    seed: int
-
-
 def load_dataset(config: DataConfig, *, seed: int) -> DatasetSplits:
     """Load (or reuse from the process cache) the dataset a config names.
 
@@ -226,17 +214,10 @@ def load_dataset(config: DataConfig, *, seed: int) -> DatasetSplits:
         FileNotFoundError: A dataset file is missing and ``data.download`` is false.
     """
     _entry(config.dataset)  # fail fast with the list of names
-    key = _LoadKey(
-        dataset=config.dataset,
-        data_dir=str(resolve_data_dir(config.data_dir)),
-        download=config.download,
-        num_samples=config.num_samples,
-        image_size=config.image_size,
-        max_train_samples=config.max_train_samples,
-        max_test_samples=config.max_test_samples,
-        seed=int(seed),
-    )
-    return _load_cached(key)
+    # Sites and server derive their data from the same section; the key is that
+    # section (with the folder resolved), so every dataset setting is honoured.
+    resolved = config.model_copy(update={"data_dir": str(resolve_data_dir(config.data_dir))})
+    return _load_cached(resolved.model_dump_json(), int(seed))
 
 
 def clear_dataset_cache() -> None:
@@ -245,35 +226,27 @@ def clear_dataset_cache() -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(key: _LoadKey) -> DatasetSplits:
-    entry = _entry(key.dataset)
-    config = DataConfig(
-        dataset=key.dataset,
-        data_dir=key.data_dir,
-        download=key.download,
-        num_samples=key.num_samples,
-        image_size=key.image_size,
-        max_train_samples=key.max_train_samples,
-        max_test_samples=key.max_test_samples,
-    )
-    raw = entry.loader(config=config, data_dir=Path(key.data_dir), seed=key.seed)
+def _load_cached(config_json: str, seed: int) -> DatasetSplits:
+    config = DataConfig.model_validate_json(config_json)
+    entry = _entry(config.dataset)
+    raw = entry.loader(config=config, data_dir=Path(config.data_dir), seed=seed)
     if not isinstance(raw, DatasetSplits):
-        raise TypeError(f"loader of dataset '{key.dataset}' returned {type(raw).__name__}, expected DatasetSplits")
+        raise TypeError(f"loader of dataset '{config.dataset}' returned {type(raw).__name__}, expected DatasetSplits")
 
     train_images, train_labels = raw.train_images, raw.train_labels
     test_images, test_labels = raw.test_images, raw.test_labels
-    if 0 < key.max_train_samples < len(train_labels):
-        idx = stratified_subset(train_labels, n=key.max_train_samples, seed=_derive_seed(key.seed, 11))
+    if 0 < config.max_train_samples < len(train_labels):
+        idx = stratified_subset(train_labels, n=config.max_train_samples, seed=_derive_seed(seed, 11))
         train_images, train_labels = train_images[idx], train_labels[idx]
-    if 0 < key.max_test_samples < len(test_labels):
-        idx = stratified_subset(test_labels, n=key.max_test_samples, seed=_derive_seed(key.seed, 12))
+    if 0 < config.max_test_samples < len(test_labels):
+        idx = stratified_subset(test_labels, n=config.max_test_samples, seed=_derive_seed(seed, 12))
         test_images, test_labels = test_images[idx], test_labels[idx]
     val_images = raw.val_images
-    if raw.image_size != key.image_size:
-        train_images = resize_images(train_images, size=key.image_size)
-        test_images = resize_images(test_images, size=key.image_size)
+    if raw.image_size != config.image_size:
+        train_images = resize_images(train_images, size=config.image_size)
+        test_images = resize_images(test_images, size=config.image_size)
         if val_images is not None:
-            val_images = resize_images(val_images, size=key.image_size)
+            val_images = resize_images(val_images, size=config.image_size)
 
     arrays = [train_images, train_labels, test_images, test_labels, val_images, raw.val_labels]
     for i, array in enumerate(arrays):
