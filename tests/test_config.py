@@ -101,7 +101,8 @@ def test_flower_app_config_mirrors_the_schema() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app_config = project["tool"]["flwr"]["app"]["config"]
     assert app_config == ExperimentConfig().model_dump(), (
-        "pyproject.toml [tool.flwr.app.config] differs from federation/config/schema.py defaults"
+        "pyproject.toml [tool.flwr.app.config] differs from federation/config/schema.py defaults: "
+        "run python scripts/sync_app_config.py"
     )
     assert project["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "server.app:app",
