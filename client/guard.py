@@ -3,30 +3,107 @@
 Every Message a site sends is checked here before it leaves; anything else (a
 string, an unexpected record or metric, an array that is not a model parameter) is
 an error raised at the site, so a bug or a hostile config cannot leak data.
+
+The only strings that ever leave are the site's name (:data:`SITE_NAME_PATTERN`:
+a letter, then letters, digits, ``_ . -``; never a path or a UID) and a refusal
+reason ``"<code>: <detail>"`` whose code is one of :data:`REFUSAL_CODES` and whose
+detail uses a restricted alphabet (no ``/``, ``\\``, ``^``, ``@``, no long digit
+runs such as UIDs or dates). A site that fails replies with :func:`error_reply`,
+which names only the exception type: Flower would otherwise send the exception's
+text, which may hold file paths, to the coordinator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from client.clinical_guard import CLINICAL_METRICS, group_size_problems
+from federation.compression import transfer_layout
 
 #: Metric names a site may send after training.
 TRAIN_METRICS = frozenset(
     {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "steps", "seconds"}
 )
 #: Metric names a site may send after evaluation.
-EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"})
+EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"}) | CLINICAL_METRICS
 #: Config entries a site may send: its (public) name, and a refusal reason.
 CONFIG_ENTRIES = {"site": frozenset({"name"}), "status": frozenset({"refused"})}
+
+
+#: Refusal codes a site may send, with what each means.
+REFUSAL_CODES: dict[str, str] = {
+    "run-budget": "the run's own epsilon budget (privacy.target_epsilon) would be exceeded",
+    "lifetime-epsilon": "the site's lifetime epsilon (policy lifetime_epsilon) would be exceeded",
+    "lifetime-delta": "the site's lifetime delta (policy lifetime_delta) would be exceeded",
+    "ledger-mismatch": "the run's accountant holds less epsilon than the site's ledger records",
+    "model-not-allowed": "model.name is not in the policy's allowed_models",
+    "strategy-not-allowed": "strategy.name is not in the policy's allowed_strategies",
+    "accountant-not-allowed": "privacy.accountant is not in the policy's allowed_accountants",
+    "max-rounds": "the run asks for more rounds than max_rounds_per_run",
+    "dp-required": "privacy.enabled is false and the policy does not allow non-DP training",
+    "noise-too-low": "the noise multiplier is below the policy's min_noise_multiplier",
+    "clipping-too-high": "privacy.max_grad_norm is above the policy's max_grad_norm",
+}
+#: What a site name must look like (from node config ``site-name``, set by the hospital).
+SITE_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_REASON_PATTERN = re.compile(r"^(?P<code>[a-z][a-z-]*): [A-Za-z0-9 _.,:;=<>()\[\]'+*%-]{1,400}$")
+_NUMERIC_DTYPE = re.compile(r"^(float|int|uint|bfloat)\d+$")
+#: Runs of digits and dots this long look like UIDs, dates or IDs and never leave.
+_ID_LIKE = re.compile(r"[0-9.]{14,}")
 
 
 class OutboundViolation(RuntimeError):
     """A reply would carry something the site does not allow to leave."""
 
 
+def check_site_name(name: str) -> str:
+    """Return ``name`` if it may leave the site, else raise :class:`OutboundViolation`."""
+    if not isinstance(name, str) or not SITE_NAME_PATTERN.match(name) or _ID_LIKE.search(name):
+        raise OutboundViolation(
+            f"site name must match {SITE_NAME_PATTERN.pattern} (set node config 'site-name'), got {name!r}"
+        )
+    return name
+
+
+def check_refusal_reason(reason: str) -> str:
+    """Return ``reason`` if it is ``"<known code>: <safe detail>"``, else raise :class:`OutboundViolation`."""
+    match = _REASON_PATTERN.match(reason) if isinstance(reason, str) else None
+    if match is None or match["code"] not in REFUSAL_CODES or _ID_LIKE.search(reason):
+        raise OutboundViolation(f"refusal reason {reason!r} is not a known code with a safe detail")
+    return reason
+
+
+def refusal(code: str, detail: str) -> str:
+    """Build a refusal reason ``"<code>: <detail>"`` and check that it may leave the site.
+
+    Raises:
+        OutboundViolation: Unknown code, or a detail outside the safe alphabet.
+    """
+    return check_refusal_reason(f"{code}: {detail}")
+
+
+def error_reason(err: BaseException) -> str:
+    """What the coordinator learns of a failure at the site: the exception type only."""
+    kind = re.sub(r"[^A-Za-z0-9_]", "", type(err).__name__)[:64] or "Exception"
+    return f"site error {kind}; details are in the site's own log"
+
+
+def error_reply(msg: Message, err: BaseException) -> Message:
+    """An error reply to ``msg`` that carries no exception text (paths, values) off the site."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error_reason(err)), reply_to=msg)
+
+
 def check_reply(
-    content: RecordDict, *, allowed_metrics: Iterable[str], parameter_names: Iterable[str] = ()
+    content: RecordDict,
+    *,
+    allowed_metrics: Iterable[str],
+    parameter_names: Iterable[str] = (),
+    parameter_shapes: Mapping[str, Sequence[int]] | None = None,
+    transfer_dtype: str = "fp32",
 ) -> RecordDict:
     """Raise :class:`OutboundViolation` unless ``content`` holds only allowed items.
 
@@ -35,12 +112,18 @@ def check_reply(
         allowed_metrics: Metric names permitted in the MetricRecord.
         parameter_names: Names the ArrayRecord may use (the model's parameters);
             empty means no ArrayRecord is allowed.
+        parameter_shapes: The model's parameters by name and shape; when given,
+            the ArrayRecord must hold exactly these, with these shapes, as numbers.
+        transfer_dtype: With ``fp16``/``int8`` (``train.transfer_dtype``) the
+            ArrayRecord must instead hold exactly the quantized update that
+            :func:`federation.compression.transfer_layout` describes.
 
     Returns:
         ``content`` unchanged, for chaining.
     """
     allowed = frozenset(allowed_metrics)
-    params = frozenset(parameter_names)
+    layout = transfer_layout(parameter_shapes or {}, dtype=transfer_dtype)
+    params = frozenset(parameter_names) | frozenset(parameter_shapes or ()) | frozenset(layout)
     for key, record in content.items():
         if isinstance(record, MetricRecord):
             extra = sorted(set(record.keys()) - allowed)
@@ -49,14 +132,52 @@ def check_reply(
             for name, value in record.items():
                 if not isinstance(value, (int, float)):
                     raise OutboundViolation(f"metric {name!r} is not a single number")
+            small = group_size_problems(dict(record.items()))
+            if small:
+                raise OutboundViolation(f"metric record would single out small groups: {small[:3]}")
         elif isinstance(record, ArrayRecord):
             extra = sorted(set(record.keys()) - params)
             if key != "arrays" or extra:
                 raise OutboundViolation(f"array record {key!r} carries non-parameter arrays {extra[:5]}")
+            if parameter_shapes is not None and transfer_dtype != "fp32":
+                _check_encoded(record, layout)
+            elif parameter_shapes is not None:
+                _check_arrays(record, parameter_shapes)
         elif isinstance(record, ConfigRecord):
             entries = CONFIG_ENTRIES.get(key)
             if entries is None or set(record.keys()) - entries:
                 raise OutboundViolation(f"config record {key!r} is not allowed to leave the site")
+            if "name" in record and key == "site":
+                check_site_name(record["name"])
+            if "refused" in record and key == "status":
+                check_refusal_reason(record["refused"])
         else:
             raise OutboundViolation(f"record {key!r} of type {type(record).__name__} is not allowed")
     return content
+
+
+def _check_arrays(record: ArrayRecord, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Exactly the model's parameters, with their shapes, as numeric arrays (no strings or objects)."""
+    missing = sorted(set(shapes) - set(record.keys()))
+    if missing:
+        raise OutboundViolation(f"array record lacks model parameters {missing[:5]}")
+    for name, array in record.items():
+        if tuple(array.shape) != tuple(shapes[name]):
+            raise OutboundViolation(
+                f"array {name!r} has shape {tuple(array.shape)}, the model's is {tuple(shapes[name])}"
+            )
+        if not _NUMERIC_DTYPE.match(str(array.dtype)):
+            raise OutboundViolation(f"array {name!r} has dtype {array.dtype}; only numeric model tensors may leave")
+
+
+def _check_encoded(record: ArrayRecord, layout: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    """Exactly the quantized update's arrays (:func:`federation.compression.transfer_layout`)."""
+    missing = sorted(set(layout) - set(record.keys()))
+    if missing:
+        raise OutboundViolation(f"array record lacks update entries {missing[:5]}")
+    for name, array in record.items():
+        shape, dtype = layout[name]
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            raise OutboundViolation(
+                f"array {name!r} is {array.dtype}{tuple(array.shape)}, the {dtype}{shape} of the quantized update"
+            )

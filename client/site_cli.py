@@ -1,4 +1,4 @@
-"""``medfed site ...``: check a hospital's DICOM folder, or write a demo site.
+"""``medfed site ...``: check a hospital's DICOM folder, write a demo site, check its policy, read its audit log.
 
 Mounted by the main CLI with ``app.add_typer(site_app, name="site")``.
 """
@@ -11,7 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from client.audit import AUDIT_FILE, read_audit, render_audit, summarize_audit
+from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from client.policy import PolicyError, load_policy
 from federation.data.dicom import (
     DEFAULT_KEY_COLUMN,
     DEFAULT_LABEL_COLUMN,
@@ -23,7 +27,7 @@ from federation.data.dicom import (
 
 site_app = typer.Typer(
     name="site",
-    help="Hospital site data: check a DICOM folder and its labels, or write a demo site.",
+    help="Hospital site: check a DICOM folder and its labels, write a demo site, check the policy, read the audit log.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -120,3 +124,61 @@ def make_demo_command(
         return
     console.print(f"[green]demo site[/] {site}: {count} {source} {split} images, labels in {site / 'labels.csv'}")
     console.print(f"check it with: medfed site check {site}")
+
+
+@site_app.command("policy-check")
+def policy_check_command(
+    policy: Annotated[Path, typer.Argument(help="The site policy YAML (node config key 'policy').")],
+) -> None:
+    """Validate a site policy file (run it before starting the SuperNode); exit 2 naming each bad key."""
+    try:
+        parsed = load_policy(policy)
+    except PolicyError as err:
+        _fail(str(err))
+        return
+    table = Table(title=f"site policy {policy}")
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in parsed.model_dump().items():
+        table.add_row(key, "no limit" if value is None else str(value))
+    console.print(table)
+    console.print("[green]policy is valid[/]")
+
+
+def _audit_files(state_dir: Path) -> list[Path]:
+    if state_dir.is_file():
+        return [state_dir]
+    if (state_dir / AUDIT_FILE).is_file():
+        return [state_dir / AUDIT_FILE]
+    return sorted(state_dir.glob(f"*/{AUDIT_FILE}"))
+
+
+@site_app.command("audit")
+def audit_command(
+    state_dir: Annotated[
+        Path, typer.Argument(help="The site's state dir (node config 'state-dir', or one site's folder in it).")
+    ] = Path("."),
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Refusals and errors listed one by one.")] = 50,
+) -> None:
+    """Summarize a site's audit log: runs, rounds, epsilon per run, refusals and errors."""
+    files = _audit_files(state_dir)
+    if not files:
+        _fail(f"no {AUDIT_FILE} in {state_dir} or its sub-folders (pass the node config's state-dir)")
+    entries = []
+    for path in files:
+        try:
+            entries.extend(read_audit(path))
+        except ValueError as err:
+            _fail(str(err))
+    runs, incidents = summarize_audit(entries)
+    console.print(render_audit(runs, incidents, max_incidents=max_rows))
+    for path in files:
+        if (path.parent / LEDGER_FILE).is_file():
+            try:
+                ledger = PrivacyLedger.open(path.parent)
+            except LedgerError as err:
+                _fail(str(err))
+            console.print(
+                f"{path.parent.name}: lifetime epsilon {ledger.spent_epsilon():.4f}, delta {ledger.spent_delta():g} "
+                f"over {len(ledger.runs)} run(s) (ledger {path.parent / LEDGER_FILE})"
+            )
