@@ -4,7 +4,8 @@ Public API:
 
 * :func:`check_site` -> :class:`SiteReport` (with :class:`QuarantinedFile` /
   :class:`Reason`), rendered by :func:`render_site_report`.
-* :func:`load_dicom_site` - usable labelled images as ``float32 (N, C, H, W)`` in ``[0, 1]``.
+* :func:`load_dicom_site` - usable labelled images as ``float32 (N, C, H, W)`` in ``[0, 1]``;
+  :func:`load_site_sample_set` also gives sex/age per sample (:class:`SiteSamples`).
 * :func:`load_dicom_splits` - the dataset-registry loader (settings: :class:`DicomSettings`).
 * :func:`build_index` - the cached header index (:class:`SiteIndex`, :class:`FileRecord`).
 * :func:`read_image`, :func:`decoder_problem` - one file's pixels; missing decoders.
@@ -22,7 +23,16 @@ from federation.data.dicom.labels import (
     LabelTable,
     read_labels,
 )
-from federation.data.dicom.loader import SiteItem, check_site, load_dicom_site, load_site_samples, select_usable
+from federation.data.dicom.loader import (
+    SEX_CODES,
+    SiteItem,
+    SiteSamples,
+    check_site,
+    load_dicom_site,
+    load_site_sample_set,
+    load_site_samples,
+    select_usable,
+)
 from federation.data.dicom.reader import (
     decoder_problem,
     frame_indices,
@@ -45,9 +55,11 @@ __all__ = [
     "LabelTable",
     "QuarantinedFile",
     "Reason",
+    "SEX_CODES",
     "SiteIndex",
     "SiteItem",
     "SiteReport",
+    "SiteSamples",
     "build_index",
     "check_site",
     "decoder_problem",
@@ -56,6 +68,7 @@ __all__ = [
     "install_hint",
     "load_dicom_site",
     "load_dicom_splits",
+    "load_site_sample_set",
     "load_site_samples",
     "make_demo_site",
     "match_channels",

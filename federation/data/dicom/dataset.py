@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN, DEFAULT_LABELS_NAME
-from federation.data.dicom.loader import load_site_samples
+from federation.data.dicom.loader import load_site_sample_set
 from federation.data.dicom.reader import Frames, Normalize
 from federation.data.registry import DatasetSplits, stratified_subset
 
@@ -127,7 +127,7 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
     labels_csv = Path(settings.labels).expanduser()
     if not labels_csv.is_absolute():
         labels_csv = Path(data_dir) / labels_csv
-    images, labels, groups, report = load_site_samples(
+    samples = load_site_sample_set(
         data_dir,
         labels_csv,
         image_size=int(config.image_size),
@@ -140,6 +140,7 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
         channels=settings.channels,
         normalize=settings.normalize,
     )
+    images, labels, groups, report = samples.images, samples.labels, samples.groups, samples.report
     if report.quarantined:
         logger.warning("site %s: %d files/rows quarantined %s (see `medfed site check`)",
                        data_dir, len(report.quarantined), report.reason_counts)
@@ -159,4 +160,5 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
         in_channels=int(images.shape[1]),
         md5=None,
         label_names=report.label_names,
+        test_groups={"sex": samples.sex[test].astype(np.int64), "age": samples.age[test].astype(np.int64)},
     )

@@ -6,7 +6,9 @@ reused while the file's signature (relative path, size, ``mtime_ns``) is unchang
 so a 10k-file site does not re-parse its headers every round. Records hold only
 file-intrinsic facts and problems; label, modality and decoder checks are applied
 afterwards, so changing those settings (or installing a decoder) never needs a
-rebuild. No patient-identifying values are stored (patient IDs only as a hash).
+rebuild. No patient-identifying values are stored (patient IDs only as a hash);
+sex and age in whole years are kept for subgroup evaluation, which only ever sends
+aggregates of groups of at least ``clinical.min_group_size`` patients.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import struct
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,7 +39,7 @@ INDEX_FILENAME = ".medfed-index.json"
 """Index file name inside the site folder (the default location)."""
 
 INDEX_FORMAT = "medfed-dicom-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 """Bump whenever :func:`read_header` records or judges differently: old indexes are then rebuilt."""
 
 IGNORED_SUFFIXES = frozenset({".csv", ".tsv", ".json", ".jsonl", ".txt", ".md", ".log", ".yaml", ".yml"})
@@ -65,6 +68,9 @@ class FileRecord:
         rows, columns, frames, samples_per_pixel, bits_allocated, bits_stored: Image
             pixel module values (0 if absent).
         patient_key: Short SHA-256 of PatientID (for patient-level splits), ``""`` if absent.
+        patient_sex: ``"F"``, ``"M"``, ``"O"`` from PatientSex, ``""`` if absent or other.
+        patient_age: Age in whole years from PatientAge (``nnnY/M/W/D``), else from
+            PatientBirthDate and the study date; -1 if unknown.
     """
 
     path: str
@@ -87,6 +93,8 @@ class FileRecord:
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     patient_key: str = ""
+    patient_sex: str = ""
+    patient_age: int = -1
 
     @property
     def ok(self) -> bool:
@@ -295,7 +303,27 @@ def _header_values(ds: pydicom.Dataset) -> dict[str, Any]:
         "study_instance_uid": _text(ds, "StudyInstanceUID"),
         "series_instance_uid": _text(ds, "SeriesInstanceUID"),
         "patient_key": hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else "",
+        "patient_sex": sex if (sex := _text(ds, "PatientSex").upper()) in ("F", "M", "O") else "",
+        "patient_age": patient_age_years(ds),
     }
+
+
+_AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}
+
+
+def patient_age_years(ds: pydicom.Dataset) -> int:
+    """Age in whole years: PatientAge (``"065Y"``, ``"018M"``, ...), else birth date to study date; -1 if unknown."""
+    text = _text(ds, "PatientAge").upper()
+    if len(text) == 4 and text[:3].isdigit() and text[3] in _AGE_UNIT_DAYS:
+        return int(int(text[:3]) * _AGE_UNIT_DAYS[text[3]] // 365.25) if text[3] != "Y" else int(text[:3])
+    birth = _text(ds, "PatientBirthDate")
+    when = next((d for d in (_text(ds, k) for k in ("StudyDate", "SeriesDate", "ContentDate")) if d), "")
+    try:
+        b, w = (datetime.strptime(v[:8], "%Y%m%d").date() for v in (birth, when))
+    except ValueError:
+        return -1
+    years = w.year - b.year - ((w.month, w.day) < (b.month, b.day))
+    return years if 0 <= years <= 150 else -1
 
 
 def _image_problem(ds: pydicom.Dataset, values: dict[str, Any]) -> tuple[str, str] | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.uid import UID
@@ -303,7 +304,50 @@ def _choose_channels(items: Sequence[SiteItem], channels: int) -> int:
     return 3 if color > len(items) - color else 1
 
 
+SEX_CODES = {"F": 0, "M": 1, "O": 2}
+"""Codes of ``SiteSamples.sex`` (-1 unknown); the same as :data:`federation.metrics.clinical.SEX_CODES`."""
+
+
+@dataclass(frozen=True, eq=False)
+class SiteSamples:
+    """A site's usable samples with their split groups and subgroup attributes.
+
+    Attributes:
+        images: ``float32 (N, C, H, W)`` in ``[0, 1]``.
+        labels: ``int64 (N,)``.
+        groups: Hashed patient ID, study UID or file path of each sample (for splits).
+        sex: ``int8 (N,)`` codes of :data:`SEX_CODES`, -1 unknown.
+        age: ``int16 (N,)`` age in whole years, -1 unknown.
+        paths: Each sample's file, relative to the site folder.
+        report: The site report.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    groups: list[str]
+    sex: np.ndarray
+    age: np.ndarray
+    paths: list[str]
+    report: SiteReport
+
+
 def load_site_samples(
+    data_dir: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray, list[str], SiteReport]:
+    """Like :func:`load_dicom_site`, also returning each sample's split group.
+
+    Returns:
+        ``(images, labels, groups, report)``; ``groups[i]`` is the hashed patient ID,
+        study UID or file path of sample ``i``. :func:`load_site_sample_set` also
+        gives the subgroup attributes.
+    """
+    samples = load_site_sample_set(data_dir, labels_csv, **kwargs)
+    return samples.images, samples.labels, samples.groups, samples.report
+
+
+def load_site_sample_set(
     data_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
     *,
@@ -317,13 +361,8 @@ def load_site_samples(
     channels: int = 0,
     normalize: Normalize = "auto",
     workers: int = DEFAULT_WORKERS,
-) -> tuple[np.ndarray, np.ndarray, list[str], SiteReport]:
-    """Like :func:`load_dicom_site`, also returning each sample's split group.
-
-    Returns:
-        ``(images, labels, groups, report)``; ``groups[i]`` is the hashed patient ID,
-        study UID or file path of sample ``i``.
-    """
+) -> SiteSamples:
+    """Load every usable labelled image with its split group and sex/age (see :func:`load_dicom_site`)."""
     sel = _select(data_dir, labels_csv, key_column=key_column, label_column=label_column,
                   modalities=modalities, label_names=label_names, cache_dir=cache_dir)
     items = sel.items
@@ -342,11 +381,26 @@ def load_site_samples(
     ok, failed = _decode_all(sel.index.data_dir, items, frames=frames, normalize=normalize,
                              workers=workers, handle=handle)
     used = [items[i] for i in ok]
-    labels = np.repeat(np.array([it.label for it in items], dtype=np.int64), counts)[filled]
-    groups = [g for it, n in zip(items, counts) for g in [it.group] * n]
-    groups = [g for g, keep in zip(groups, filled) if keep]
+
+    def per_sample(values: Sequence[Any], dtype: Any) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), counts)[filled]
+
+    labels = per_sample([it.label for it in items], np.int64)
+    sex = per_sample([SEX_CODES.get(it.record.patient_sex, -1) for it in items], np.int8)
+    age = per_sample([it.record.patient_age for it in items], np.int16)
+    keep = np.flatnonzero(filled)
+    groups_all = [g for it, n in zip(items, counts) for g in [it.group] * n]
+    paths_all = [p for it, n in zip(items, counts) for p in [it.record.path] * n]
     report = _report(sel, used, failed, samples=int(filled.sum()), pixels_checked=True)
-    return np.ascontiguousarray(images[filled]), labels, groups, report
+    return SiteSamples(
+        images=np.ascontiguousarray(images[filled]),
+        labels=labels,
+        groups=[groups_all[i] for i in keep],
+        sex=sex,
+        age=age,
+        paths=[paths_all[i] for i in keep],
+        report=report,
+    )
 
 
 def load_dicom_site(

@@ -1,0 +1,145 @@
+"""Across-site and subgroup summaries of the sites' clinical metrics (server side).
+
+Input is what the sites sent (the latest ``evaluate`` line per site in
+``sites.jsonl``): aggregate numbers only. Pooled sensitivity, specificity and
+accuracy are exact, because a site sends its positives and a rate, so
+``round(rate x count)`` gives back the counts that were pooled; pooled AUC is
+not computable from aggregates and is reported as the example-weighted mean of
+the site AUCs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from federation.metrics.clinical import GROUP_RATES, SITE_RATES
+from federation.metrics.intervals import wilson_interval
+from server.run_dir import SITES_FILE, read_jsonl
+
+#: Rates compared across sites and subgroups.
+COMPARED = ("roc-auc", "sensitivity", "specificity", "op-accuracy")
+_GROUP_KEY = re.compile(r"^grp-(?P<group>sex-[a-z]|age-\d)-n$")
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def latest_site_rows(run_dir: Path, phase: str = "evaluate") -> dict[str, dict[str, Any]]:
+    """The latest ``phase`` line of each site: ``{site: {"round": r, "metrics": {...}}}``."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(Path(run_dir) / SITES_FILE):
+        if row.get("phase") == phase and int(row["round"]) >= int(latest.get(row["site"], {}).get("round", -1)):
+            latest[row["site"]] = {"round": int(row["round"]), "metrics": row.get("metrics") or {}}
+    return dict(sorted(latest.items()))
+
+
+def _interval(metrics: dict[str, Any], name: str, prefix: str = "") -> dict[str, float]:
+    return {k: _num(metrics.get(f"{prefix}{name}{s}")) for k, s in (("value", ""), ("lo", "-lo"), ("hi", "-hi"))}
+
+
+def site_view(metrics: dict[str, Any], *, bins: int) -> dict[str, Any]:
+    """One site's numbers, grouped: rates with intervals, counts, calibration, ROC grid, subgroups."""
+    rates = {name: _interval(metrics, name) for name in SITE_RATES}
+    groups = {}
+    for key in metrics:
+        match = _GROUP_KEY.match(key)
+        if match:
+            g = match["group"]
+            groups[g] = {
+                "n": _num(metrics[key]),
+                "n-pos": _num(metrics.get(f"grp-{g}-n-pos")),
+                "ece": _num(metrics.get(f"grp-{g}-ece")),
+                **{name: _interval(metrics, name, f"grp-{g}-") for name in GROUP_RATES},
+            }
+    return {
+        "n": _num(metrics.get("num-examples")),
+        "n-pos": _num(metrics.get("n-pos")),
+        "counts": {k: _num(metrics.get(k)) for k in ("tp", "fp", "tn", "fn")},
+        "rates": rates,
+        "ece": _num(metrics.get("ece")),
+        "brier": _num(metrics.get("brier")),
+        "roc_tpr": [_num(metrics.get(f"roc-tpr-{k:02d}")) for k in range(21)],
+        "reliability": [
+            {part: _num(metrics.get(f"rel-bin-{b:02d}-{part}")) for part in ("n", "conf", "obs")} for b in range(bins)
+        ],
+        "subgroups": dict(sorted(groups.items())),
+    }
+
+
+def _pooled(parts: list[dict[str, float]], confidence: float) -> dict[str, Any]:
+    """Exact pooled rates from per-part ``n``, ``n-pos`` and rates (sensitivity, specificity, accuracy).
+
+    Parts without clinical numbers (e.g. a site of an older medfed) are left out.
+    """
+    parts = [p for p in parts if all(math.isfinite(p.get(k, math.nan)) for k in ("n", "n-pos"))]
+    n = sum(p["n"] for p in parts)
+    pos = sum(p["n-pos"] for p in parts)
+    tp = sum(round(p["sensitivity"] * p["n-pos"]) for p in parts if p["n-pos"] > 0 and math.isfinite(p["sensitivity"]))
+    tn = sum(round(p["specificity"] * (p["n"] - p["n-pos"])) for p in parts
+             if p["n"] - p["n-pos"] > 0 and math.isfinite(p["specificity"]))
+    out: dict[str, Any] = {"n": int(n), "n-pos": int(pos)}
+    for name, k, total in (("sensitivity", tp, pos), ("specificity", tn, n - pos), ("op-accuracy", tp + tn, n)):
+        lo, hi = wilson_interval(int(k), int(total), confidence=confidence)
+        out[name] = {"value": k / total if total else math.nan, "lo": lo, "hi": hi}
+    aucs = [(p["n"], p["roc-auc"]) for p in parts if not math.isnan(p["roc-auc"])]
+    weight = sum(w for w, _ in aucs)
+    out["roc-auc"] = {"value": sum(w * a for w, a in aucs) / weight if weight else math.nan, "lo": math.nan,
+                      "hi": math.nan, "note": "example-weighted mean of site AUCs"}
+    return out
+
+
+def _flat(view: dict[str, Any]) -> dict[str, float]:
+    return {"n": view["n"], "n-pos": view["n-pos"], **{k: view[k]["value"] for k in COMPARED if k in view}}
+
+
+def _extremes(values: dict[str, float]) -> dict[str, Any]:
+    known = {k: v for k, v in values.items() if not math.isnan(v)}
+    if not known:
+        return {"worst": None, "best": None, "spread": None}
+    worst, best = min(known, key=known.__getitem__), max(known, key=known.__getitem__)
+    return {"worst": {"name": worst, "value": known[worst]}, "best": {"name": best, "value": known[best]},
+            "spread": known[best] - known[worst]}
+
+
+def fairness_summary(site_metrics: dict[str, dict[str, Any]], *, confidence: float, bins: int) -> dict[str, Any]:
+    """Across-site and subgroup summary of the sites' latest clinical metrics.
+
+    Args:
+        site_metrics: ``{site: metrics}`` as the sites sent them.
+        confidence: Confidence level for pooled Wilson intervals.
+        bins: Reliability bins per site.
+
+    Returns:
+        ``sites`` (per-site views), ``across_sites`` (worst/best/spread per rate),
+        ``pooled`` (exact pooled rates), ``subgroups`` (pooled per subgroup over the
+        sites that released it) and ``subgroup_gaps`` (largest difference between
+        subgroups of one attribute, pooled and per site).
+    """
+    views = {site: site_view(m, bins=bins) for site, m in site_metrics.items()}
+    flat = {site: _flat({"n": v["n"], "n-pos": v["n-pos"], **v["rates"]}) for site, v in views.items()}
+    across = {rate: _extremes({s: f[rate] for s, f in flat.items()}) for rate in COMPARED}
+    pooled = _pooled(list(flat.values()), confidence) if flat else {}
+    by_group: dict[str, list[dict[str, float]]] = {}
+    for view in views.values():
+        for g, gv in view["subgroups"].items():
+            by_group.setdefault(g, []).append(_flat(gv))
+    subgroups = {g: {**_pooled(parts, confidence), "sites": len(parts)} for g, parts in sorted(by_group.items())}
+    gaps: dict[str, Any] = {}
+    for attribute in ("sex", "age"):
+        members = {g: s for g, s in subgroups.items() if g.startswith(f"{attribute}-")}
+        if len(members) < 2:
+            continue
+        gaps[attribute] = {
+            "pooled": {rate: _extremes({g: s[rate]["value"] for g, s in members.items()}) for rate in COMPARED},
+            "per_site": {
+                site: {rate: _extremes({g: gv[rate]["value"] for g, gv in v["subgroups"].items()
+                                         if g.startswith(f"{attribute}-")})["spread"] for rate in COMPARED}
+                for site, v in views.items()
+                if sum(g.startswith(f"{attribute}-") for g in v["subgroups"]) >= 2
+            },
+        }
+    return {"sites": views, "across_sites": across, "pooled": pooled, "subgroups": subgroups, "subgroup_gaps": gaps}

@@ -1,0 +1,272 @@
+"""End-of-run outputs: the exported global model, the clinical report and the model card.
+
+:func:`finish_run` is called by :func:`server.app.run_federation` when a run ends
+(``medfed simulate`` and ``flwr run`` alike). It writes:
+
+* ``export/`` - ``model_state.pt``, ``model.pt2`` (torch.export, softmax out), ``model.json``;
+* ``clinical/`` - ``report.md``, ``fairness.json`` and plots (:mod:`server.clinical_report`);
+* ``model_card.md`` and ``model_card.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from federation.config import ExperimentConfig, load_config, to_yaml
+from federation.data import dataset_info, load_dataset
+from federation.inference.export import EXPORT_DIR, ExportedModel, export_model
+from federation.inference.preprocess import Preprocessing
+from federation.metrics.clinical import ClinicalSettings
+from federation.models import build_model, count_parameters
+from server.clinical_report import CLINICAL_DIR, FAIRNESS_FILE, REPORT_FILE, group_labels, write_clinical_report
+from server.fairness import latest_site_rows
+from server.run_dir import CONFIG_FILE, PRIVACY_FILE, SUMMARY_FILE, RunDirectory, _clean, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+CARD_MD = "model_card.md"
+CARD_JSON = "model_card.json"
+PACKAGES = ("medfed", "torch", "monai", "opacus", "flwr", "numpy", "scikit-learn", "scipy", "pydicom", "pydantic")
+INTENDED_USE = (
+    "Research on federated learning for medical image classification: comparing strategies, privacy "
+    "settings and per-site/subgroup behaviour on the data named below."
+)
+NOT_FOR_CLINICAL_USE = (
+    "NOT FOR CLINICAL USE. This model is not a medical device, has not been clinically validated and must "
+    "not be used to diagnose, treat or triage patients."
+)
+
+
+def _dataset_facts(config: ExperimentConfig) -> dict[str, Any]:
+    """Class names and checksum of the dataset, when this machine can load it (the coordinator may not)."""
+    try:
+        splits = load_dataset(config.data, seed=config.seed)
+    except Exception as err:  # noqa: BLE001 - a coordinator without the data still writes its card
+        logger.info("dataset %s not readable here (%s); the card lists generic class names", config.data.dataset, err)
+        return {"label_names": None, "md5": None, "available": False}
+    return {"label_names": list(splits.label_names), "md5": splits.md5, "available": True,
+            "pooled_train": int(len(splits.train_labels)), "pooled_test": int(len(splits.test_labels))}
+
+
+def export_global_model(run_dir: Path, config: ExperimentConfig) -> ExportedModel | None:
+    """Export the newest checkpoint's weights to ``<run>/export`` (None when no round finished)."""
+    checkpoint = RunDirectory(run_dir).load_checkpoint()
+    if checkpoint is None:
+        logger.warning("run %s has no checkpoint; nothing to export", run_dir)
+        return None
+    info = dataset_info(config.data, seed=config.seed)
+    spatial_dims = getattr(info, "spatial_dims", 2)
+    model = build_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                        spatial_dims=spatial_dims, dp=config.privacy.enabled)
+    model.load_state_dict(checkpoint.weights)
+    facts = _dataset_facts(config)
+    names = facts["label_names"] or [f"class-{k}" for k in range(info.num_classes)]
+    prep = Preprocessing(image_size=config.data.image_size, in_channels=info.in_channels,
+                         dicom_frames=config.data.dicom_frames, dicom_normalize=config.data.dicom_normalize,
+                         spatial_dims=spatial_dims)
+    meta = {"run": run_dir.name, "round": checkpoint.round, "num_classes": info.num_classes, "label_names": names,
+            "positive_class": config.clinical.positive_class, "threshold": config.clinical.threshold,
+            "model": {**config.model.model_dump(), "parameters": count_parameters(model)}}
+    return export_model(model=model, preprocessing=prep, out_dir=run_dir / EXPORT_DIR, metadata=meta)
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _preprocessing_text(config: ExperimentConfig, spatial_dims: int) -> str:
+    d = config.data
+    if spatial_dims == 0:
+        return f"{d.dataset}: tabular feature vectors, as the dataset loader prepares them (see its module)."
+    if spatial_dims == 3:
+        return f"{d.dataset}: volumes scaled to [0, 1] at {d.image_size} voxels per side."
+    if d.dataset == "dicom":
+        return (f"DICOM: Modality LUT (rescale), VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] "
+                f"(dicom_normalize={d.dicom_normalize}), frames={d.dicom_frames}, channels matched, resized to "
+                f"{d.image_size}x{d.image_size} (bilinear, antialiased).")
+    return (f"{d.dataset}: pixel values scaled to [0, 1] (uint8 / 255), resized to {d.image_size}x{d.image_size} "
+            "(bilinear, antialiased).")
+
+
+def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
+    """Collect the model card's facts from the run directory (see the module docstring)."""
+    meta_file = run_dir / EXPORT_DIR / "model.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+    fairness_file = run_dir / CLINICAL_DIR / FAIRNESS_FILE
+    fairness = json.loads(fairness_file.read_text()) if fairness_file.is_file() else {}
+    train, evaluate = latest_site_rows(run_dir, "train"), latest_site_rows(run_dir, "evaluate")
+    privacy: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(run_dir / PRIVACY_FILE):
+        privacy[row["site"]] = {"epsilon": row["epsilon"], "delta": row.get("delta"), "round": row["round"]}
+    names = sorted(set(train) | set(evaluate))
+    facts = _dataset_facts(config)
+    labels = meta.get("label_names") or facts["label_names"] or []
+    config_text = to_yaml(config)
+    return {
+        "model_card_version": 1,
+        "run": run_dir.name,
+        "intended_use": INTENDED_USE,
+        "notice": NOT_FOR_CLINICAL_USE,
+        "task": {"dataset": config.data.dataset, "labels": labels, "num_classes": meta.get("num_classes"),
+                 "positive_class": config.clinical.positive_class, "threshold": config.clinical.threshold},
+        "architecture": {**config.model.model_dump(), "parameters": (meta.get("model") or {}).get("parameters"),
+                         "input": (meta.get("input") or {}).get("shape"), "output": meta.get("output")},
+        "preprocessing": {
+            "description": _preprocessing_text(config, int((meta.get("preprocessing") or {}).get("spatial_dims", 2))),
+            **(meta.get("preprocessing") or {}),
+        },
+        "export": {k: meta.get(k) for k in ("program", "state_dict", "load", "sha256", "round")},
+        "sites": [{"name": s, "train_examples": (train.get(s) or {}).get("metrics", {}).get("num-examples"),
+                   "test_examples": (evaluate.get(s) or {}).get("metrics", {}).get("num-examples")} for s in names],
+        "rounds": {"planned": config.server.rounds, "completed": summary.get("rounds_completed"),
+                   "aggregated": summary.get("rounds_aggregated")},
+        "strategy": config.strategy.model_dump(),
+        "privacy": {**config.privacy.model_dump(), "final_per_site": privacy},
+        "metrics": {"global_final": summary.get("final_global"), "per_site": fairness.get("sites", {}),
+                    "across_sites": fairness.get("across_sites"), "pooled": fairness.get("pooled"),
+                    "subgroups": fairness.get("subgroups"), "subgroup_gaps": fairness.get("subgroup_gaps"),
+                    "clinical_settings": fairness.get("settings")},
+        "dataset_checksums": {"md5": facts["md5"], "note": "MD5 of the dataset file (MedMNIST); none for generated "
+                              "(synthetic, seeded) or hospital (DICOM) data, or when the coordinator holds no data"},
+        "software": {"versions": _versions(), "git_commit": _git_commit()},
+        "config": config.model_dump(),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+    }
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d or d.get("value") is None:
+        return "–"
+    if d.get("lo") is None:
+        return f"{d['value']:.3f}"
+    return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _count(x: Any) -> str:
+    return "–" if x is None else str(int(x))
+
+
+def _dp_line(p: dict[str, Any]) -> str:
+    if not p["enabled"]:
+        return "Differential privacy: off."
+    return (f"Differential privacy: DP-SGD (Opacus), accountant {p['accountant']}, target ε = {p['target_epsilon']}, "
+            f"δ = {p['target_delta']}, clipping norm {p['max_grad_norm']}, noise multiplier "
+            f"{p['noise_multiplier'] or 'set from the target'}.")
+
+
+def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: dict[str, str]) -> str:
+    """The Markdown model card."""
+    t, a, p, r = card["task"], card["architecture"], card["privacy"], card["rounds"]
+    classes = ", ".join(f"{i} = {n}" for i, n in enumerate(t["labels"])) or "–"
+    sites = ", ".join(f"{s['name']} ({_count(s['train_examples'])} train / {_count(s['test_examples'])} test)"
+                      for s in card["sites"])
+    params = ", ".join(f"{k}={v}" for k, v in card["strategy"].items() if k != "name")
+    versions = ", ".join(f"{k} {v}" for k, v in card["software"]["versions"].items() if k != "medfed")
+    lines = [
+        f"# Model card — medfed run `{card['run']}`", "", f"> **{card['notice']}**", "",
+        "## Intended use", "", card["intended_use"], "",
+        "## Task and labels", "",
+        f"Dataset `{t['dataset']}`; classes: {classes}. Positive class {t['positive_class']}, "
+        f"operating point P(positive) ≥ {t['threshold']}.", "",
+        "## Model and preprocessing", "",
+        f"`{a['name']}` (width {a['width']}, {a['norm']} norm, dropout {a['dropout']}), {a['parameters']} "
+        f"parameters; input {a['input']}; output: {a['output']}.", "",
+        card["preprocessing"]["description"], "",
+        f"Load without medfed: `{card['export'].get('load')}` (files in `export/`, SHA-256 in model_card.json).", "",
+        "## Training", "",
+        f"Sites (names and sample counts only): {sites or '–'}.", "",
+        f"Rounds: {r['completed']} completed of {r['planned']} planned ({r['aggregated']} aggregated). "
+        f"Strategy `{card['strategy']['name']}` ({params}).", "",
+        _dp_line(p),
+    ]
+    if p["final_per_site"]:
+        lines += ["", "| site | final ε | δ | after round |", "|---|---|---|---|"]
+        lines += [f"| {s} | {_num(v['epsilon'])} | {v['delta']} | {v['round']} |"
+                  for s, v in sorted(p["final_per_site"].items())]
+    m = card["metrics"]
+    lines += ["", "## Evaluation (site test splits; aggregates only)", "",
+              "| site | n | AUC | sensitivity | specificity | accuracy | ECE | Brier |",
+              "|---|---|---|---|---|---|---|---|"]
+    for site, v in (m["per_site"] or {}).items():
+        rates = v["rates"]
+        lines.append(f"| {site} | {_count(v['n'])} | {_ci(rates['roc-auc'])} | {_ci(rates['sensitivity'])} | "
+                     f"{_ci(rates['specificity'])} | {_ci(rates['op-accuracy'])} | {_num(v['ece'])} | "
+                     f"{_num(v['brier'])} |")
+    if m.get("subgroups"):
+        lines += ["", "| subgroup (pooled) | sites | n | sensitivity | specificity | accuracy |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {group_names.get(g, g)} | {s['sites']} | {s['n']} | {_ci(s['sensitivity'])} | "
+                  f"{_ci(s['specificity'])} | {_ci(s['op-accuracy'])} |" for g, s in m["subgroups"].items()]
+    lines += [
+        "", f"Full report with intervals, calibration and plots: `{CLINICAL_DIR}/{REPORT_FILE}`. Final global "
+        f"metrics (central evaluation on the pooled test split): "
+        f"{', '.join(f'{k} {_num(v)}' for k, v in (m['global_final'] or {}).items()) or '–'}.", "",
+        "## Provenance", "",
+        f"Dataset MD5: {card['dataset_checksums']['md5'] or '–'}. medfed "
+        f"{card['software']['versions'].get('medfed')}, git {card['software']['git_commit'] or 'unknown'}; {versions}.",
+        "", f"Exact config (SHA-256 {card['config_sha256']}):", "", "```yaml", config_yaml.rstrip(), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: Path, config: ExperimentConfig) -> tuple[Path, Path]:
+    """Write ``model_card.json`` and ``model_card.md`` into the run directory."""
+    card = build_model_card(run_dir, config)
+    json_path, md_path = run_dir / CARD_JSON, run_dir / CARD_MD
+    for path, text in ((json_path, json.dumps(_clean(card), indent=2, allow_nan=False)),
+                       (md_path, render_model_card(_clean(card), config_yaml=to_yaml(config),
+                                                   group_names=group_labels(ClinicalSettings.from_config(config.clinical))))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return md_path, json_path
+
+
+def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None = None) -> dict[str, Path]:
+    """Export the global model, write the clinical report and the model card of a finished run.
+
+    Args:
+        run_dir: The run directory.
+        config: The run's config (default: its ``config.yaml``).
+
+    Returns:
+        ``{"export": ..., "report": ..., "card": ...}`` paths.
+    """
+    run = Path(run_dir)
+    config = config or load_config(run / CONFIG_FILE)
+    exported = export_global_model(run, config)
+    report = write_clinical_report(run, config=config)
+    card, _ = write_model_card(run, config)
+    out = {"report": report, "card": card}
+    if exported is not None:
+        out["export"] = exported.directory
+    return out

@@ -1,0 +1,143 @@
+"""``medfed predict``, ``medfed explain`` and ``medfed clinical-report``.
+
+Registered on the main CLI by :func:`register_clinical_commands`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from federation.inference import (
+    InputImage,
+    Preprocessing,
+    load_exported,
+    load_inputs,
+    load_run_model,
+    predict_inputs,
+    write_predictions_csv,
+)
+from federation.inference.predict import Prediction, explain_inputs
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="A finished run directory (or its export/ folder).")]
+InputOpt = Annotated[Path, typer.Option("--input", "-i", help="A DICOM, PNG/JPEG or .npz file, or a folder of them.")]
+SplitOpt = Annotated[str, typer.Option("--npz-split", help=".npz inputs: use <split>_images when there is no 'images'.")]
+LimitOpt = Annotated[int, typer.Option("--limit", help="Use only the first N inputs (0 = all).")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _load(model: Path, inputs: Path, npz_split: str, limit: int) -> tuple[object, dict, list[InputImage]]:
+    try:
+        module, meta = load_exported(model)
+        items = load_inputs(inputs, Preprocessing.from_dict(meta["preprocessing"]), npz_split=npz_split)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(str(err))
+        raise  # unreachable: _fail exits
+    return module, meta, items[:limit] if limit > 0 else items
+
+
+def _table(predictions: list[Prediction], meta: dict) -> Table:
+    names = meta.get("label_names") or []
+    positive = int(meta.get("positive_class", 1))
+    table = Table(title=f"P({names[positive] if positive < len(names) else positive}) per input, "
+                        f"threshold {meta.get('threshold', 0.5)}")
+    for column in ("input", "P(positive)", "positive", "predicted"):
+        table.add_column(column)
+    for pred in predictions:
+        label = names[pred.predicted_class] if pred.predicted_class < len(names) else str(pred.predicted_class)
+        table.add_row(pred.name, f"{pred.p_positive:.4f}", "yes" if pred.positive else "no", label)
+    return table
+
+
+def predict_command(
+    model: ModelOpt,
+    input_path: InputOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV.")] = None,
+    gradcam: Annotated[
+        Optional[Path], typer.Option("--gradcam", help="Also write Grad-CAM overlays into this folder.")
+    ] = None,
+    npz_split: SplitOpt = "test",
+    limit: LimitOpt = 0,
+) -> None:
+    """Run a run's exported model on images, preprocessed exactly as in training."""
+    module, meta, items = _load(model, input_path, npz_split, limit)
+    predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
+    overlays = None
+    if gradcam is not None:
+        network, _ = load_run_model(model)
+        overlays = explain_inputs(network, items, predictions, gradcam, meta=meta)
+    if out is not None:
+        write_predictions_csv(predictions, out, meta=meta, overlays=overlays)
+        console.print(f"[green]{len(predictions)} predictions[/] → {out}")
+    else:
+        console.print(_table(predictions, meta))
+    if gradcam is not None:
+        console.print(f"Grad-CAM overlays → {gradcam}")
+
+
+def explain_command(
+    model: ModelOpt,
+    input_path: InputOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlay PNGs (and predictions.csv).")],
+    class_index: Annotated[
+        Optional[int], typer.Option("--class", help="Class whose evidence is shown (default: the predicted class).")
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Grad-CAM layer (default: the last convolution).")] = None,
+    npz_split: SplitOpt = "test",
+    limit: LimitOpt = 0,
+) -> None:
+    """Write Grad-CAM overlays (MONAI GradCAM) with the predicted probability on each image."""
+    module, meta, items = _load(model, input_path, npz_split, limit)
+    predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
+    try:
+        network, _ = load_run_model(model)
+        overlays = explain_inputs(network, items, predictions, out, meta=meta, class_index=class_index,
+                                  target_layer=layer)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+        return
+    write_predictions_csv(predictions, out / "predictions.csv", meta=meta, overlays=overlays)
+    console.print(f"[green]{len(overlays)} Grad-CAM overlays[/] → {out}")
+
+
+def clinical_report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+) -> None:
+    """(Re)write a run's export/, clinical/ report and model card from its records."""
+    from server.model_card import finish_run
+
+    if not (run_dir / "config.yaml").is_file():
+        _fail(f"{run_dir} holds no config.yaml; is it a medfed run directory?")
+    paths = finish_run(run_dir)
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
+def simulation_gallery(run_dir: Path) -> list[Path]:
+    """Simulation only: Grad-CAM gallery of every simulated site, added to the clinical report."""
+    from simulations.gallery import write_gallery
+
+    try:
+        return write_gallery(run_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        logger.warning("no Grad-CAM gallery for %s: %s", run_dir, err)
+        return []
+
+
+def register_clinical_commands(app: typer.Typer) -> None:
+    """Add ``predict``, ``explain`` and ``clinical-report`` to the ``medfed`` CLI."""
+    app.command("predict")(predict_command)
+    app.command("explain")(explain_command)
+    app.command("clinical-report")(clinical_report_command)
