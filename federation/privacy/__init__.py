@@ -31,10 +31,12 @@ from federation.privacy.budget import (
 )
 from federation.privacy.engine import (
     EmptyBatch,
+    clipped_backward,
     is_empty_batch,
     noise_only_step,
     strip_module_prefix,
     unwrap_model,
+    uses_clipped_backward,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "PrivacyBudgetExhausted",
     "PrivacyStateError",
     "SitePrivacy",
+    "clipped_backward",
     "epsilon_for",
     "is_empty_batch",
     "local_steps",
@@ -50,4 +53,5 @@ __all__ = [
     "sample_rate_for",
     "strip_module_prefix",
     "unwrap_model",
+    "uses_clipped_backward",
 ]

@@ -31,6 +31,7 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from federation.config.schema import PrivacyConfig
+from federation.privacy.rdp_cache import rdp_epsilon
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +134,11 @@ def _cached_epsilon(history: tuple[HistoryEntry, ...], delta: float, mechanism: 
 
     Each round asks for the epsilon before and after it, and the next round's
     "before" is this round's "after", so caching halves the accounting work.
+    RDP reuses each (sigma, q) pair's one-step curve (:mod:`federation.privacy.rdp_cache`,
+    bit-identical to Opacus), so a new step count costs milliseconds.
     """
+    if mechanism == "rdp":
+        return rdp_epsilon(history, delta=delta)
     accountant = _new_accountant(mechanism)
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))

@@ -15,6 +15,11 @@ The Poisson loader yields an :class:`EmptyBatch` marker for them, and
 :func:`noise_only_step` takes that step without running the model, so it works for
 every ``grad_sample_mode`` (``ew`` and ``functorch`` cannot run a zero-size batch)
 and every item type.
+
+``grad_sample_mode="ghost"`` bypasses PrivacyEngine's model wrapping: the model is
+wrapped in :class:`~federation.privacy.fast_clipping.GhostClippingModule` (mixed
+ghost norms, clipped gradient in one backward pass) with Opacus'
+``DPOptimizerFastGradientClipping``; its backward pass is :func:`clipped_backward`.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import IAccountant
 from opacus.grad_sample import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
+
+from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,11 @@ def make_private(
         sample_rate: Poisson inclusion probability ``q``.
         noise_multiplier: Fixed noise multiplier sigma.
         max_grad_norm: Per-sample clipping bound.
-        grad_sample_mode: Opacus per-sample gradient mode (``hooks``, ``ew``, ``functorch``).
+        grad_sample_mode: ``ghost`` (medfed's mixed ghost clipping, one backward
+            pass: :class:`~federation.privacy.fast_clipping.GhostClippingModule`;
+            train with :func:`clipped_backward`), Opacus' ``hooks``, ``ew`` or
+            ``functorch``, or ``auto``
+            (:func:`~federation.privacy.fast_clipping.select_grad_sample_mode`).
         seed: Seeds the Poisson sampler and the Gaussian noise (reproducible, not
             cryptographically secure); ``None`` uses torch's global generator.
 
@@ -87,17 +99,24 @@ def make_private(
             f"was set up for {num_examples}"
         )
     engine = _engine(accountant)
+    if grad_sample_mode == "auto":
+        grad_sample_mode = select_grad_sample_mode(model)
     try:
-        dp_model, dp_optimizer, _ = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=grad_sample_mode,
-            noise_generator=_noise_generator(model, seed),
-        )
+        if grad_sample_mode == "ghost":
+            dp_model, dp_optimizer = _make_ghost(
+                model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed
+            )
+        else:
+            dp_model, dp_optimizer, _ = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=data_loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode,
+                noise_generator=_noise_generator(model, seed),
+            )
     except UnsupportedModuleError as error:
         raise ValueError(
             "model is not compatible with DP-SGD (Opacus); use model.norm='group' or "
@@ -107,6 +126,48 @@ def make_private(
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     dp_loader = _poisson_loader(data_loader, sample_rate=sample_rate, seed=seed)
     return dp_model, dp_optimizer, dp_loader
+
+
+def _make_ghost(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+    seed: int | None,
+) -> tuple[GhostClippingModule, DPOptimizerFastGradientClipping]:
+    """Wrap for medfed's ghost clipping: what PrivacyEngine does for Opacus' "ghost", minus the loss wrapper."""
+    ModuleValidator.validate(model, strict=True)
+    dp_model = GhostClippingModule(model, max_grad_norm=max_grad_norm)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=1,  # set by the caller
+        generator=_noise_generator(model, seed),
+    )
+    return dp_model, dp_optimizer
+
+
+def uses_clipped_backward(model: nn.Module) -> bool:
+    """Whether ``model`` (from :func:`make_private`) must be trained with :func:`clipped_backward`."""
+    return isinstance(model, GhostClippingModule)
+
+
+def clipped_backward(model: nn.Module, losses: torch.Tensor, *, inputs: torch.Tensor | None = None) -> None:
+    """The backward pass of a DP-SGD step for any ``grad_sample_mode``.
+
+    For ``ghost`` it leaves the clipped per-sample gradient sum in ``p.grad`` (see
+    :meth:`GhostClippingModule.clipped_backward`; pass the batch ``inputs`` with
+    ``requires_grad=True`` set *before* the forward pass to skip weight gradients
+    in the norm pass); for the other modes it is ``losses.mean().backward()`` and
+    Opacus' optimizer clips.
+
+    Args:
+        model: The wrapped model returned by :func:`make_private`.
+        losses: ``(B,)`` per-sample losses.
+        inputs: The batch input (used by ``ghost`` only).
+    """
+    if isinstance(model, GhostClippingModule):
+        model.clipped_backward(losses, inputs=inputs)
+    else:
+        losses.mean().backward()
 
 
 def _engine(accountant: IAccountant) -> PrivacyEngine:
@@ -185,15 +246,19 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     """Take the DP-SGD step of an empty Poisson batch: noise only, accounted as usual.
 
     Sets every trainable parameter's per-sample gradient to an empty ``(0, *shape)``
-    tensor, so Opacus clips nothing, adds ``N(0, (sigma * C)^2)`` noise, divides by
-    the expected batch size, calls the accountant hook and steps the optimizer -
-    exactly what it does for a zero-size batch, without running the model.
+    tensor (``ghost`` mode: its clipped gradient sum to zeros), so Opacus clips
+    nothing, adds ``N(0, (sigma * C)^2)`` noise, divides by the expected batch size,
+    calls the accountant hook and steps the optimizer - exactly what it does for a
+    zero-size batch, without running the model.
 
     Args:
         optimizer: The DPOptimizer returned by :func:`make_private`.
     """
     for param in optimizer.params:
-        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):  # ghost: p.grad is the clipped sum
+            param.grad = torch.zeros_like(param)
+        else:
+            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
     optimizer.step()
 
 

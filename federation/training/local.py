@@ -28,11 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from federation.config.schema import TrainConfig
 from federation.privacy import (
     SitePrivacy,
+    clipped_backward,
     is_empty_batch,
     local_steps,
     noise_only_step,
     strip_module_prefix,
     unwrap_model,
+    uses_clipped_backward,
 )
 from federation.training.device import seed_everything, select_device, set_threads, use_amp
 from federation.training.results import TrainResult
@@ -163,14 +165,22 @@ def _train_step(
     images, labels = split_batch(batch)
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
+    ghost = private and uses_clipped_backward(model)
+    if ghost:  # the norm pass back-propagates to the input only, skipping weight gradients
+        images = images.detach().requires_grad_(True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with autocast:
         logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    with warnings.catch_warnings():
-        # Opacus' per-sample-gradient hooks on the first layer trigger this harmless torch warning.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        loss.backward()
+    if ghost:  # per-sample norms, then the clipped gradient sum in p.grad (one backward pass)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        clipped_backward(model, losses, inputs=images)
+        loss = losses.detach().mean()
+    else:
+        loss = F.cross_entropy(logits.float(), labels)
+        with warnings.catch_warnings():
+            # Opacus' per-sample-gradient hooks on the first layer trigger this harmless torch warning.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
     optimizer.step()
     tally.steps += 1
     tally.examples += int(labels.shape[0])

@@ -1,0 +1,256 @@
+"""P1: what does federating cost on top of the sites' own training steps?
+
+Run from the repository root (takes a few minutes; more with --repeats)::
+
+    python bench/federation_overhead.py                        # 10 sites x 3 rounds, synthetic, DP
+    python bench/federation_overhead.py --rounds 5 --repeats 3 --set data.num_samples=6000
+
+Three things run the same federation (same config, data, model, seeds, steps),
+interleaved, ``--repeats`` times:
+
+* ``limit``: the physical limit. One plain Python process loads every site's data,
+  then for each round and site calls ``federation.training.train_local`` (the
+  routine the sites run, DP accountant included) on the global weights and
+  averages the results. Only the ``train_local`` calls are timed: no start-up, no
+  data loading, no evaluation, no messages.
+* ``medfed``: ``medfed simulate`` (the real ClientApp/ServerApp on Flower's Ray
+  engine, with per-site and central evaluation, checkpoints, records), timed as a
+  command from start to exit.
+* ``vanilla``: a minimal Flower app doing the same training with Flower's stock
+  FedAvg and per-site evaluation (bench/_vanilla_flower.py), same engine, timed
+  from start to exit.
+* ``medfed-noeval`` (with ``--no-eval-variant``): medfed without per-round evaluation
+  (``strategy.fraction_evaluate=0 server.central_eval=false``).
+
+The rounds' timestamps split a federation's time into a fixed start-up part
+``F`` (interpreter, imports, Ray, worker processes, data, noise calibration,
+teardown) and a steady per-round cost ``P`` (median of rounds 2..R); the limit
+likewise into its first round and a steady per-round ``L``. A run of ``N`` rounds
+is then ``F + N P`` against ``L_1 + (N - 1) L``: the script prints that ratio for
+N = the measured rounds, 10, 50 and 100, against the serial limit (one process,
+back to back, as specified) and against the parallel limit (the serial limit
+divided by the number of site workers the engine runs at once,
+``cores / simulation.cpus_per_site``), which a federation on this machine could
+at best reach. The limit uses ``--limit-threads`` torch threads (default 1, what a
+site worker gets with ``simulation.cpus_per_site=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, Stats, TreeMemorySampler, loadavg, machine, ratio, say, write_json
+
+DEFAULT_SET = ["data.num_sites=10", "server.rounds=3"]
+
+
+def _config(preset: str | None, overrides: list[str], out_dir: str, run_name: str):
+    from simulations.harness import resolve_config
+
+    return resolve_config(
+        config_path=preset, overrides=[*overrides, f"server.out_dir={out_dir}", f"server.run_name={run_name}"]
+    )
+
+
+def worker_limit(preset: str | None, overrides: list[str], threads: int) -> dict:
+    """Train every site for every round back to back in this process; time only train_local."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    from federation.data import load_site_data
+    from federation.models import build_model
+    from federation.privacy import SitePrivacy
+    from federation.training import model_state, select_device, train_local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _config(preset, overrides, tmp, "limit")
+    n = config.data.num_sites
+    sites = [load_site_data(config.data, seed=config.seed, site_index=i, num_sites=n) for i in range(n)]
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, in_channels=sites[0].in_channels, num_classes=sites[0].num_classes,
+                        dp=config.privacy.enabled)
+    global_state = model_state(model)
+    privacy = [
+        SitePrivacy(config=config.privacy, num_examples=len(s.train), batch_size=config.train.batch_size,
+                    local_epochs=config.train.local_epochs, planned_rounds=config.server.rounds)
+        if config.privacy.enabled else None
+        for s in sites
+    ]
+    device = select_device(config.train.device)
+    rounds = []
+    for server_round in range(1, config.server.rounds + 1):
+        seconds, states, weights = 0.0, [], []
+        for index, site in enumerate(sites):
+            model.load_state_dict(global_state)
+            start = time.perf_counter()
+            result = train_local(model=model, dataset=site.train, config=config.train, privacy=privacy[index],
+                                 seed=config.seed * 100_003 + server_round * 1_009 + index, device=device)
+            seconds += time.perf_counter() - start
+            states.append(model_state(model))
+            weights.append(result.num_examples)
+        total = sum(weights)
+        global_state = {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in global_state}
+        rounds.append(seconds)
+    workers = max(1, int((os.cpu_count() or 1) / min(config.simulation.cpus_per_site, os.cpu_count() or 1)))
+    return {"rounds": rounds, "threads": torch.get_num_threads(), "workers": workers}
+
+
+def _check_run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a command; on failure show the end of its stderr and stop."""
+    done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        say("\n".join(done.stderr.splitlines()[-40:]))
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
+    return done
+
+
+def _round_times(rows: list[dict]) -> list[float]:
+    """Durations of rounds 1..R from the cumulative times a run recorded after each round."""
+    times = [row["time"] for row in sorted(rows, key=lambda r: r["round"])]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _run_medfed(preset: str | None, overrides: list[str], tmp: str, name: str) -> dict:
+    command = [str(Path(sys.executable).with_name("medfed")), "simulate"]
+    if preset:
+        command += ["--config", preset]
+    for item in [*overrides, f"server.out_dir={tmp}", f"server.run_name={name}"]:
+        command += ["--set", item]
+    start = time.perf_counter()
+    with TreeMemorySampler(os.getpid(), interval=0.5) as memory:
+        _check_run(command)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (Path(tmp) / name / "rounds.jsonl").read_text().splitlines() if line]
+    return {"wall": wall, "rounds": _round_times(rows), "peak_pss_mb": memory.peak_pss / 2**20}
+
+
+def _run_vanilla(preset: str | None, overrides: list[str], tmp: str) -> dict:
+    times = Path(tmp) / "vanilla-times.json"
+    command = [sys.executable, __file__, "--worker", "vanilla", "--times", str(times), "--sets", *overrides]
+    if preset:
+        command += ["--preset", preset]
+    start = time.perf_counter()
+    with TreeMemorySampler(os.getpid(), interval=0.5) as memory:
+        _check_run(command)
+    wall = time.perf_counter() - start
+    rows = json.loads(times.read_text())
+    return {"wall": wall, "rounds": _round_times(rows), "peak_pss_mb": memory.peak_pss / 2**20}
+
+
+def _run_limit(preset: str | None, overrides: list[str], threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", "limit", "--threads", str(threads), "--sets", *overrides]
+    if preset:
+        command += ["--preset", preset]
+    start = time.perf_counter()
+    out = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - start
+    return result
+
+
+def _model(runs: list[dict], *, limit: bool) -> tuple[float, float]:
+    """``(fixed, per_round)`` of runs: steady round = median of rounds 2..R."""
+    fixed, steady = [], []
+    for run in runs:
+        rounds = run["rounds"]
+        per_round = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+        total = sum(rounds) if limit else run["wall"]
+        fixed.append(total - per_round * len(rounds))
+        steady.append(per_round)
+    return statistics.median(fixed), statistics.median(steady)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="preset or YAML (default: the synthetic preset)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="config override, repeatable")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-eval-variant", action="store_true", help="also run medfed without per-round evaluation")
+    parser.add_argument("--limit-threads", type=int, default=1,
+                        help="torch threads of the limit process (default 1: what a site worker gets with "
+                             "simulation.cpus_per_site=1; 0 = torch's default)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", choices=["limit", "vanilla"], help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sets", nargs="*", default=[], dest="worker_sets", help=argparse.SUPPRESS)
+    parser.add_argument("--times", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "limit":
+        print(json.dumps(worker_limit(args.preset, args.worker_sets, args.threads)))
+        return
+    if args.worker == "vanilla":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _vanilla_flower import run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            run(_config(args.preset, args.worker_sets, tmp, "vanilla"), args.times)
+        return
+
+    overrides = [f"data.num_sites={args.sites}", f"server.rounds={args.rounds}", *args.sets]
+    variants = {"medfed": overrides, "vanilla": overrides}
+    if args.no_eval_variant:
+        variants["medfed-noeval"] = [*overrides, "strategy.fraction_evaluate=0", "server.central_eval=false"]
+    info = machine()
+    say(f"P1 federation overhead: {' '.join(overrides)} (config {args.config or 'synthetic preset'})")
+    say(f"machine: {info}")
+    results: dict[str, list[dict]] = {"limit": [], **{name: [] for name in variants}}
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
+            for name, sets in [("limit", overrides), *variants.items()]:
+                load = loadavg()
+                if name == "limit":
+                    row = _run_limit(args.config, sets, args.limit_threads)
+                elif name == "vanilla":
+                    row = _run_vanilla(args.config, sets, tmp)
+                else:
+                    row = _run_medfed(args.config, sets, tmp, f"{name}-{repeat}")
+                row["load"] = load
+                results[name].append(row)
+                timed = sum(row["rounds"]) if name == "limit" else row["wall"]
+                say(f"  repeat {repeat + 1} {name:14s} {timed:7.1f} s  rounds "
+                    f"{[round(r, 1) for r in row['rounds']]}  load {load}")
+
+    limit_total = [sum(r["rounds"]) for r in results["limit"]]
+    workers = results["limit"][0]["workers"]
+    say(f"\nlimit (train_local only, back to back, {results['limit'][0]['threads']} torch thread(s)): "
+        f"{Stats(limit_total).fmt()}; the engine runs {workers} site worker(s) at a time, so the parallel "
+        f"limit is 1/{workers} of it")
+    limit_fixed, limit_round = _model(results["limit"], limit=True)
+    summary = {"limit": {"total": Stats(limit_total).as_dict(), "first_round_extra": limit_fixed,
+                         "steady_round": limit_round, "threads": results["limit"][0]["threads"], "workers": workers}}
+    for name in variants:
+        walls = [r["wall"] for r in results[name]]
+        fixed, per_round = _model(results[name], limit=False)
+        projected = {}
+        for n in sorted({args.rounds, 10, 50, 100}):
+            serial = limit_fixed + n * limit_round
+            projected[n] = {"serial": (fixed + n * per_round) / serial,
+                            "parallel": (fixed + n * per_round) / (serial / workers)}
+        say(f"{name:14s} wall {Stats(walls).fmt()}  ratio to the serial limit {ratio(walls, limit_total).fmt('x')}, "
+            f"to the parallel limit {ratio(walls, [t / workers for t in limit_total]).fmt('x')}")
+        say(f"{'':14s} fixed start-up {fixed:.1f} s, steady round {per_round:.2f} s "
+            f"(limit {limit_round:.2f} s serial, {limit_round / workers:.2f} s parallel); peak PSS "
+            f"{statistics.median(r['peak_pss_mb'] for r in results[name]):.0f} MB")
+        say(f"{'':14s} projected ratio (serial / parallel limit): "
+            + ", ".join(f"{n} rounds {v['serial']:.2f}x / {v['parallel']:.2f}x" for n, v in projected.items()))
+        summary[name] = {"wall": Stats(walls).as_dict(), "ratio": ratio(walls, limit_total).as_dict(),
+                         "fixed": fixed, "steady_round": per_round, "projected_ratio": projected}
+    write_json(args.json, {"machine": info, "overrides": overrides, "config": args.config, "runs": results,
+                           "summary": summary})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""A site process reuses its data and model between rounds without changing any result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import cache
+from client.site import evaluate_round, site_settings, train_round
+from federation.config import load_config
+from federation.data import load_site_data
+from federation.models import build_model
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"server.out_dir={tmp_path}", "data.num_samples=120", "data.num_sites=2", "model.width=4",
+            "train.batch_size=16", "server.rounds=3", "privacy.noise_multiplier=1.0",
+            "privacy.target_epsilon=1000", *extra,
+        ],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def test_site_data_is_loaded_once_per_process_within_the_budget(tmp_path: Path) -> None:
+    config = _config(tmp_path).data
+    first = cache.site_data(config, seed=0, site_index=1, num_sites=2, budget_mb=64)
+    assert cache.site_data(config, seed=0, site_index=1, num_sites=2, budget_mb=64) is first
+    fresh = load_site_data(config, seed=0, site_index=1, num_sites=2)
+    assert torch.equal(first.train.tensors[0], fresh.train.tensors[0])
+    assert torch.equal(first.test.tensors[1], fresh.test.tensors[1])
+    assert cache.cached_bytes() == sum(t.numel() * t.element_size() for t in (*first.train.tensors, *first.test.tensors))
+    other_seed = cache.site_data(config, seed=1, site_index=1, num_sites=2, budget_mb=64)
+    assert other_seed is not first
+
+
+def test_budget_zero_loads_every_time_and_a_small_budget_evicts_the_oldest(tmp_path: Path) -> None:
+    config = _config(tmp_path).data
+    a = cache.site_data(config, seed=0, site_index=0, num_sites=2, budget_mb=0)
+    assert cache.site_data(config, seed=0, site_index=0, num_sites=2, budget_mb=0) is not a
+    assert cache.cached_bytes() == 0
+    budget_mb = 1  # ~60 synthetic 28x28 images per site: ~190 kB, so about five sites fit
+    kept = [cache.site_data(config, seed=s, site_index=0, num_sites=2, budget_mb=budget_mb) for s in range(8)]
+    sizes = [cache._nbytes(d) for d in kept]
+    newest = next(n for n in range(len(sizes), 0, -1) if sum(sizes[-n:]) <= 1 << 20)  # the LRU suffix that fits
+    assert 3 <= newest < 8
+    assert cache.cached_bytes() == sum(sizes[-newest:])
+    assert cache.site_data(config, seed=7, site_index=0, num_sites=2, budget_mb=budget_mb) is kept[7]
+    assert cache.site_data(config, seed=0, site_index=0, num_sites=2, budget_mb=budget_mb) is not kept[0]
+
+
+def test_a_model_is_lent_once_and_reused_only_after_release(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    def build():
+        return build_model(config.model, in_channels=1, num_classes=2, dp=True)
+    first = cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=True, build=build)
+    second = cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=True, build=build)
+    assert second is not first
+    cache.release_model(first)
+    assert cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=True, build=build) is first
+    assert cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=False, build=build) is not first
+
+
+def _rounds(config, run_name: str, *, fresh_each_time: bool) -> list[tuple[dict, dict, dict]]:
+    """Train site 1, site 2, site 1 again (DP), evaluating after each; optionally emptying the cache each time."""
+    torch.manual_seed(0)
+    weights = build_model(config.model, in_channels=1, num_classes=2, dp=config.privacy.enabled).state_dict()
+    results = []
+    for site_index, server_round in ((0, 1), (1, 1), (0, 2)):
+        settings = site_settings(
+            node_config={"partition-id": site_index, "num-partitions": 2}, config=config, run_name=run_name
+        )
+        if fresh_each_time:
+            cache.clear()
+        outcome = train_round(config=config, settings=settings, global_weights=weights, server_round=server_round)
+        assert outcome.refusal is None
+        if fresh_each_time:
+            cache.clear()
+        metrics = evaluate_round(config=config, settings=settings, global_weights=outcome.weights)
+        results.append((outcome.weights, {k: v for k, v in outcome.metrics.items() if k != "seconds"}, metrics))
+        weights = outcome.weights
+    return results
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_reused_data_and_model_give_bit_identical_rounds(tmp_path: Path, dp: bool) -> None:
+    config = _config(tmp_path, f"privacy.enabled={str(dp).lower()}")
+    reference = _rounds(config, "fresh", fresh_each_time=True)
+    reused = _rounds(config, "reused", fresh_each_time=False)
+    for (w_ref, m_ref, e_ref), (w_new, m_new, e_new) in zip(reference, reused):
+        assert w_ref.keys() == w_new.keys()
+        assert all(torch.equal(w_ref[k], w_new[k]) for k in w_ref)
+        assert m_ref == m_new
+        assert e_ref == e_new
+    assert len(cache._models) == 1  # one architecture, one idle model after the rounds
