@@ -2,36 +2,39 @@
 
 Thin by design: each handler turns the incoming Message into a call of a plain
 function in :mod:`client.site` and its result back into a reply, which the
-outbound guard checks before it leaves the site.
+outbound guard checks before it leaves the site. :func:`client.handling.handle`
+writes every request and reply to the site's audit log and turns failures into
+error replies that carry no exception text; the site's policy
+(:mod:`client.policy`) is validated when the ClientApp starts and on first use.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.admission import evaluate_refusal
 from client.guard import EVALUATE_METRICS, TRAIN_METRICS, check_reply
-from client.site import evaluate_round, site_settings, train_round
-from federation.config import from_flat
+from client.handling import Request, check_policy_at_start, handle, setup, train_audit
+from client.site import evaluate_round, train_round
+from client.transfer import update_record
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context):
-    config = from_flat(context.run_config, source="run config received by the site")
-    run_name = str(msg.content["config"].get("run-name", "run"))
-    settings = site_settings(node_config=context.node_config, config=config, run_name=run_name)
-    return config, settings
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    """Validate the site's policy before the ClientApp handles anything."""
+    yield from check_policy_at_start(context)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model locally (with DP when configured)."""
-    config, settings = _setup(msg, context)
+def _train(msg: Message, context: Context, request: Request) -> RecordDict:
+    config, settings, policy = setup(msg, context, request)
     global_weights = msg.content["arrays"].to_torch_state_dict()
     round_config = msg.content["config"]
     outcome = train_round(
@@ -40,25 +43,43 @@ def train(msg: Message, context: Context) -> Message:
         global_weights=global_weights,
         server_round=int(round_config.get("server-round", 0)),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        policy=policy,
+        run_id=int(context.run_id),
     )
+    request.audit.update(train_audit(outcome, settings))
     content = RecordDict({"site": ConfigRecord({"name": settings.name})})
     if outcome.refusal is not None:
         content["status"] = ConfigRecord({"refused": outcome.refusal})
-        return Message(check_reply(content, allowed_metrics=()), reply_to=msg)
-    content["arrays"] = ArrayRecord(outcome.weights)
+        return check_reply(content, allowed_metrics=())
+    transfer = config.train.transfer_dtype  # fp32 weights, or the update quantized (client/transfer.py)
+    content["arrays"] = update_record(outcome.weights, global_weights, transfer_dtype=transfer)
     content["metrics"] = MetricRecord(outcome.metrics)
-    check_reply(content, allowed_metrics=TRAIN_METRICS, parameter_names=global_weights.keys())
-    return Message(content, reply_to=msg)
+    shapes = {name: tuple(tensor.shape) for name, tensor in global_weights.items()}
+    return check_reply(content, allowed_metrics=TRAIN_METRICS, parameter_shapes=shapes, transfer_dtype=transfer)
+
+
+def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
+    config, settings, policy = setup(msg, context, request)
+    content = RecordDict({"site": ConfigRecord({"name": settings.name})})
+    reason = evaluate_refusal(policy, config)
+    if reason is not None:
+        request.audit["refused"] = reason
+        content["status"] = ConfigRecord({"refused": reason})
+        return check_reply(content, allowed_metrics=())
+    metrics = evaluate_round(
+        config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict()
+    )
+    content["metrics"] = MetricRecord(metrics)
+    return check_reply(content, allowed_metrics=EVALUATE_METRICS)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model locally (with DP when configured), within the site's policy."""
+    return handle("train", msg, context, _train)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the site's own test split."""
-    config, settings = _setup(msg, context)
-    metrics = evaluate_round(
-        config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict()
-    )
-    content = RecordDict(
-        {"site": ConfigRecord({"name": settings.name}), "metrics": MetricRecord(metrics)}
-    )
-    return Message(check_reply(content, allowed_metrics=EVALUATE_METRICS), reply_to=msg)
+    return handle("evaluate", msg, context, _evaluate)

@@ -16,11 +16,19 @@ from typing import Any, Mapping
 
 import torch
 
+from client.admission import Admission, admit_train_round
+from client.adversary import inject_fault, outgoing_weights, training_set
+from client.cache import checkout_model, release_model, site_data
+from client.guard import check_site_name, refusal
+from client.ledger import PrivacyLedger, check_run_name
+from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
 from federation.config import ExperimentConfig
-from federation.data import SiteData, load_site_data
+from federation.data import SiteData
+from federation.metrics.clinical import ClinicalSettings, clinical_metrics
 from federation.models import build_model
 from federation.privacy import PrivacyBudgetExhausted, SitePrivacy
 from federation.training import evaluate, model_state, select_device, train_local
+from federation.training.schedule import with_site_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+# NODE_POLICY ("policy": the site's policy YAML) is defined in client.policy.
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,13 @@ class SiteSettings:
     num_sites: int
     data_dir: str
     state_dir: Path
+    run_name: str = "run"
+    simulated: bool = False  # Flower simulation (partition-id, no site-name): faults/attacks may apply
+
+    @property
+    def run_state_dir(self) -> Path:
+        """This run's folder on the site's disk (its privacy accountant)."""
+        return self.state_dir / "runs" / self.run_name
 
 
 def site_settings(
@@ -61,10 +77,14 @@ def site_settings(
         num_sites = int(node_config.get(NODE_NUM_PARTITIONS, config.data.num_sites))
     else:
         site_index, num_sites = 0, 1
-    name = str(node_config.get(NODE_SITE_NAME, f"site-{site_index + 1}"))
+    name = check_site_name(str(node_config.get(NODE_SITE_NAME, f"site-{site_index + 1}")))
+    check_run_name(run_name)
     data_dir = str(node_config.get(NODE_DATA_DIR, config.data.data_dir))
     if NODE_STATE_DIR in node_config:
         base = Path(str(node_config[NODE_STATE_DIR])).expanduser()
+    elif getattr(config.simulation, "site_state_dir", ""):
+        # Simulated hospitals whose disks outlive one run (lifetime budgets across runs).
+        base = Path(config.simulation.site_state_dir).expanduser()
     else:
         # A simulated site keeps its "disk" inside the run directory.
         base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
@@ -74,28 +94,38 @@ def site_settings(
         num_sites=num_sites,
         data_dir=data_dir,
         state_dir=base / name,
+        run_name=run_name,
+        simulated=NODE_PARTITION_ID in node_config and NODE_SITE_NAME not in node_config,
     )
 
 
 def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
-    """Load this site's train and test split (cached per process by the data layer)."""
+    """Load this site's train and test split (kept per process between rounds, see :mod:`client.cache`)."""
     data_config = config.data.model_copy(update={"data_dir": settings.data_dir})
-    return load_site_data(
-        data_config, seed=config.seed, site_index=settings.site_index, num_sites=settings.num_sites
+    return site_data(
+        data_config, seed=config.seed, site_index=settings.site_index, num_sites=settings.num_sites,
+        budget_mb=config.simulation.data_cache_mb,
     )
 
 
 def _build(config: ExperimentConfig, data: SiteData) -> torch.nn.Module:
-    return build_model(
-        config.model,
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        dp=config.privacy.enabled,
+    """A model of the configured architecture (reused between rounds: load weights, then release_model)."""
+    return checkout_model(
+        config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=config.privacy.enabled,
+        build=lambda: build_model(
+            config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=config.privacy.enabled,
+            spatial_dims=data.spatial_dims,
+        ),
     )
 
 
 def _privacy_path(settings: SiteSettings) -> Path:
-    return settings.state_dir / "privacy.json"
+    path = settings.run_state_dir / "privacy.json"
+    legacy = settings.state_dir / "privacy.json"  # layout before the ledger: simulation only, one run per disk
+    if not path.is_file() and legacy.is_file() and settings.state_dir.parent.name == "site-state" \
+            and settings.state_dir.parent.parent.name == settings.run_name:
+        return legacy
+    return path
 
 
 def load_privacy(
@@ -141,6 +171,7 @@ class TrainOutcome:
     weights: dict[str, torch.Tensor] | None
     metrics: dict[str, float]
     refusal: str | None = None
+    admission: Admission | None = None
 
 
 def train_round(
@@ -150,31 +181,51 @@ def train_round(
     global_weights: Mapping[str, torch.Tensor],
     server_round: int,
     proximal_mu: float = 0.0,
+    policy: SitePolicy | None = None,
+    run_id: int | None = None,
 ) -> TrainOutcome:
     """Train the global model on this site's data for one round.
 
-    Returns a refusal instead of training when the site's privacy budget would be
-    exceeded by this round.
+    Returns a refusal instead of training when the request is outside the site's
+    policy, or when this round would exceed the run's or the site's lifetime privacy
+    budget (see :func:`client.admission.admit_train_round`). The site's ledger
+    records the epsilon reserved before and spent after training.
     """
+    inject_fault(config, settings, server_round=server_round)  # simulated faults only
     data = load_data(config, settings)
+    config = with_site_schedule(config, num_examples=len(data.train))  # train.local_steps
     model = _build(config, data)
     model.load_state_dict(dict(global_weights))
     privacy = load_privacy(config, settings, num_examples=len(data.train))
+    ledger = PrivacyLedger.open(settings.state_dir)
+    admission = admit_train_round(
+        policy=policy, ledger=ledger, config=config, privacy=privacy, run=settings.run_name,
+        server_round=server_round, run_id=run_id,
+    )
+    if admission.refusal is not None:
+        logger.warning("site %s refuses round %d: %s", settings.name, server_round, admission.refusal)
+        return TrainOutcome(weights=None, metrics={}, refusal=admission.refusal, admission=admission)
     try:
         result = train_local(
             model=model,
-            dataset=data.train,
+            dataset=training_set(config, settings, dataset=data.train, num_classes=data.num_classes,
+                                 server_round=server_round),  # simulated label_flip attack only
             config=config.train,
             privacy=privacy,
             seed=config.seed * 100_003 + server_round * 1_009 + settings.site_index,
             proximal_mu=proximal_mu,
             device=select_device(config.train.device),
         )
-    except PrivacyBudgetExhausted as refusal:
-        logger.warning("site %s refuses round %d: %s", settings.name, server_round, refusal.reason)
-        return TrainOutcome(weights=None, metrics={}, refusal=f"{settings.name}: {refusal.reason}")
+    except PrivacyBudgetExhausted as stop:  # admit_train_round checks this first; kept as a backstop
+        logger.warning("site %s refuses round %d: %s", settings.name, server_round, stop.reason)
+        return TrainOutcome(weights=None, metrics={}, refusal=refusal("run-budget", stop.reason), admission=admission)
     if privacy is not None:
         save_privacy(privacy, settings)
+    ledger.commit(
+        settings.run_name, epsilon=float(result.epsilon) if privacy is not None else 0.0,
+        delta=float(result.delta) if privacy is not None else 0.0, server_round=server_round,
+        dp=privacy is not None, run_id=run_id,
+    )
     metrics = {
         "num-examples": float(result.num_examples),
         "train-loss": float(result.loss),
@@ -184,7 +235,10 @@ def train_round(
         "steps": float(result.steps),
         "seconds": float(result.seconds),
     }
-    return TrainOutcome(weights=model_state(model), metrics=metrics)
+    weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=model_state(model),
+                               server_round=server_round)  # simulated update attacks only
+    release_model(model)
+    return TrainOutcome(weights=weights, metrics=metrics, admission=admission)
 
 
 def evaluate_round(
@@ -200,9 +254,20 @@ def evaluate_round(
         batch_size=max(256, config.train.batch_size),
         device=select_device(config.train.device),
     )
-    return {
+    release_model(model)
+    metrics = {
         "num-examples": float(result.num_examples),
         "loss": float(result.loss),
         "auc": float(result.auc),
         "accuracy": float(result.accuracy),
     }
+    # Clinical aggregates (intervals, calibration, ROC grid, suppressed subgroups); never per-patient values.
+    metrics.update(
+        clinical_metrics(
+            labels=result.labels,
+            probs=result.probs,
+            settings=ClinicalSettings.from_config(config.clinical),
+            groups=data.test_groups,
+        )
+    )
+    return metrics

@@ -18,14 +18,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from federation.config import ExperimentConfig, from_flat
+from federation.config import ConfigError, ExperimentConfig, from_flat
 from federation.data import dataset_info, load_central_test
 from federation.models import build_model
 from federation.training import evaluate, select_device
+from server.model_card import finish_run
+from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
 from server.run_dir import ROUNDS_FILE, Checkpoint, RunDirectory
 from server.summary import build_summary
 from strategies import QuorumStrategy, build_strategy, load_strategy_state, strategy_state
+from strategies.central_dp import CENTRAL_DP_FILE, with_central_dp
+from strategies.compression import with_transfer_decoding
+from strategies.ordered import OrderedReplies
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +50,15 @@ def _open_run(config: ExperimentConfig) -> RunDirectory:
 
 def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
     info = dataset_info(config.data)
+    if config.clinical.positive_class >= info.num_classes:  # sites would fail every evaluation
+        raise ConfigError([f"clinical.positive_class: {config.clinical.positive_class} is not a class of "
+                           f"{config.data.dataset} (0..{info.num_classes - 1})"], source="run config")
     torch.manual_seed(config.seed)
     return build_model(
         config.model,
         in_channels=info.in_channels,
         num_classes=info.num_classes,
+        spatial_dims=info.spatial_dims,
         dp=config.privacy.enabled,
     )
 
@@ -104,7 +113,13 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
     run = _open_run(config)
     model = _initial_model(config)
     arrays = ArrayRecord(model.state_dict())
-    strategy = build_strategy(config.strategy, num_sites=config.data.num_sites)
+    strategy = with_transfer_decoding(  # sites may send quantized updates (train.transfer_dtype)
+        with_central_dp(  # central DP (central_dp.*), off by default
+            build_strategy(config.strategy, num_sites=config.data.num_sites), config=config,
+            log_path=run.path / CENTRAL_DP_FILE,
+        ),
+        transfer_dtype=config.train.transfer_dtype,
+    )
     done = 0
     checkpoint = run.load_checkpoint() if config.server.resume else None
     if checkpoint is not None:
@@ -116,11 +131,13 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
         logger.info("run %s already completed %d of %d rounds", run.path, done, config.server.rounds)
     else:
         recorder = RecordingStrategy(
-            QuorumStrategy(inner=strategy, min_replies=config.strategy.min_sites), run=run, round_offset=done
+            QuorumStrategy(inner=OrderedReplies(inner=strategy), min_replies=config.strategy.min_sites),
+            run=run,
+            round_offset=done,
         )
         round_config = ConfigRecord({"run-name": run.name})
         recorder.start(
-            grid=grid,
+            grid=with_poll_interval(grid, interval=config.server.poll_interval),
             initial_arrays=arrays,
             num_rounds=remaining,
             timeout=config.server.round_timeout,
@@ -130,5 +147,10 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
         )
     summary: dict[str, Any] = build_summary(run=run, config=config)
     run.write_summary(summary)
+    try:  # exported model, clinical report, model card; the run's records are already safe on disk
+        finish_run(run.path, config)
+    except Exception:  # noqa: BLE001 - report it loudly, never lose the finished run over it
+        logger.exception("run %s finished, but writing its export/clinical report/model card failed "
+                         "(rerun with `medfed clinical-report %s`)", run.path, run.path)
     logger.info("run finished: %s", run.path.resolve())
     return run.path

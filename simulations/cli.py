@@ -13,9 +13,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from certs.cli import certs_app
 from client.site_cli import site_app
+from deploy.cli import deploy_app
 from federation.config import ConfigError, to_yaml, valid_keys
+from simulations.clinical_cli import register_clinical_commands, simulation_gallery
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate
+from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
 
 app = typer.Typer(
@@ -26,6 +30,10 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(site_app, name="site", help="Hospital-side tools: check a DICOM site folder, make a demo site.")
+register_clinical_commands(app)  # medfed predict / explain / clinical-report
+register_research_commands(app)  # medfed sweep / report / baselines
+app.add_typer(certs_app, name="certs")  # consortium CA, SuperLink certificate, site keys
+app.add_typer(deploy_app, name="deploy")  # SuperLink, Fleet-only proxy, SuperNodes
 
 ConfigOpt = Annotated[
     Optional[str], typer.Option("--config", "-c", help="Preset YAML file, or a preset name from simulations/configs.")
@@ -57,6 +65,9 @@ def simulate_command(
     set_: SetOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+    baselines: Annotated[
+        bool, typer.Option("--baselines", help="Also train pooled and local-only baselines and compare.")
+    ] = False,
 ) -> None:
     """Run a whole federation on this machine with the real ClientApp and ServerApp.
 
@@ -104,7 +115,11 @@ def simulate_command(
     eps = summary["privacy"]["epsilon_per_site"]
     if eps:
         console.print("ε per site: " + ", ".join(f"{s} {e:.2f}" for s, e in sorted(eps.items())))
+    gallery = simulation_gallery(run_dir)  # simulation only: reads the simulated sites' images locally
     console.print(f"[green]done[/] → {run_dir}  (plots: {', '.join(p.name for p in plots)})")
+    console.print(f"research report: {after_simulate(run_dir, baselines=baselines)}")
+    console.print(f"clinical report: {run_dir / 'clinical' / 'report.md'} ({len(gallery)} Grad-CAM gallery panels), "
+                  f"model card: {run_dir / 'model_card.md'}, exported model: {run_dir / 'export'}")
 
 
 @app.command("validate")

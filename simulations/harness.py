@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.config import ExperimentConfig, load_config
+from federation.config import ConfigError, ExperimentConfig, load_config
 from federation.data import resolve_data_dir
 from server.run_dir import CONFIG_FILE, ROUNDS_FILE, default_run_name, read_jsonl
 from simulations.engine import run_engine
+from simulations.scenario import scenario_problems
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,11 @@ def resolve_config(
             update={"resume": str(run_dir), "out_dir": str(run_dir.parent), "run_name": run_dir.name}
         )
         return config.model_copy(update={"server": server})
-    config = load_config(preset_path(config_path or DEFAULT_PRESET), overrides)
+    source = preset_path(config_path or DEFAULT_PRESET)
+    config = load_config(source, overrides)
+    problems = scenario_problems(config)  # faults/attack/quantity/shift settings that span sections
+    if problems:
+        raise ConfigError(problems, source=f"{source}{' with --set overrides' if overrides else ''}")
     data = config.data.model_copy(update={"data_dir": str(resolve_data_dir(config.data.data_dir))})
     server = config.server.model_copy(
         update={

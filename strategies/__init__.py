@@ -7,9 +7,13 @@
 * :mod:`strategies.wrapper`: :class:`StrategyWrapper`, a delegating base class.
 * :mod:`strategies.quorum`: :class:`QuorumStrategy` (refusals, failures, quorum).
 * :mod:`strategies.state`: save/restore server-side strategy state for resume.
+* :mod:`strategies.streaming`: FedAvg-family aggregation in O(model) memory,
+  bit-identical to Flower's (what the built-in fedavg-like names build).
+* :mod:`strategies.compression`: decode fp16/int8 site updates (``train.transfer_dtype``).
 """
 
 from strategies import builtin as _builtin  # noqa: F401  (registers the built-in strategies)
+from strategies import reddi as _reddi  # noqa: F401  (registers fedadam-reddi)
 from strategies.metrics import aggregate_metrics_nan_safe
 from strategies.quorum import REFUSED_KEY, STATUS_KEY, QuorumStrategy, refusal_reason
 from strategies.registry import (

@@ -5,6 +5,10 @@ Flower constructor; ``**common`` carries the shared arguments computed by
 :func:`strategies.registry.common_strategy_kwargs`. Imported for its side effect
 by ``strategies/__init__.py``.
 
+FedAvg, FedProx, FedAvgM, FedAdam, FedYogi and FedAdagrad are built as their
+:mod:`strategies.streaming` subclasses: the same strategy and the same numbers,
+with a weighted average that needs O(model) memory instead of a copy per reply.
+
 Config field -> constructor parameter:
 
 ============== ============================================================
@@ -28,23 +32,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    Strategy,
-)
+from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from federation.config import StrategyConfig
 from strategies.registry import register_strategy
+from strategies.streaming import (
+    StreamingFedAdagrad,
+    StreamingFedAdam,
+    StreamingFedAvg,
+    StreamingFedAvgM,
+    StreamingFedProx,
+    StreamingFedYogi,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,37 +65,37 @@ def _check_malicious(config: StrategyConfig, *, num_sites: int) -> None:
 
 
 def build_fedavg(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
-    """Build :class:`FedAvg`."""
-    return FedAvg(**common)
+    """Build :class:`FedAvg` (streaming aggregation)."""
+    return StreamingFedAvg(**common)
 
 
 def build_fedprox(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
     """Build :class:`FedProx` (sites read ``proximal-mu`` from the train config)."""
-    return FedProx(**common, proximal_mu=config.proximal_mu)
+    return StreamingFedProx(**common, proximal_mu=config.proximal_mu)
 
 
 def build_fedavgm(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
     """Build :class:`FedAvgM` with server learning rate and momentum."""
-    return FedAvgM(**common, server_learning_rate=config.server_lr, server_momentum=config.server_momentum)
+    return StreamingFedAvgM(**common, server_learning_rate=config.server_lr, server_momentum=config.server_momentum)
 
 
 def build_fedadam(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
     """Build :class:`FedAdam`."""
-    return FedAdam(
+    return StreamingFedAdam(
         **common, eta=config.eta, eta_l=config.eta_l, beta_1=config.beta_1, beta_2=config.beta_2, tau=config.tau
     )
 
 
 def build_fedyogi(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
     """Build :class:`FedYogi`."""
-    return FedYogi(
+    return StreamingFedYogi(
         **common, eta=config.eta, eta_l=config.eta_l, beta_1=config.beta_1, beta_2=config.beta_2, tau=config.tau
     )
 
 
 def build_fedadagrad(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:
     """Build :class:`FedAdagrad` (no betas: Flower fixes them to 0)."""
-    return FedAdagrad(**common, eta=config.eta, eta_l=config.eta_l, tau=config.tau)
+    return StreamingFedAdagrad(**common, eta=config.eta, eta_l=config.eta_l, tau=config.tau)
 
 
 def build_fedmedian(config: StrategyConfig, *, num_sites: int, **common: Any) -> Strategy:

@@ -67,3 +67,6 @@ def test_flwr_run_uses_the_app_config(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == 1 and summary["rounds_aggregated"] == 1
     # Flower's default local federation has 2 SuperNodes: both trained, with DP
     assert len(summary["privacy"]["epsilon_per_site"]) == 2
+    # the end-of-run clinical outputs are written on this path too
+    for name in ("export/model.pt2", "clinical/report.md", "model_card.json"):
+        assert (tmp_path / "flwr" / name).is_file(), name

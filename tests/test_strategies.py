@@ -40,17 +40,25 @@ from strategies import (
     unwrap,
 )
 from strategies import registry as registry_module
+from strategies.streaming import (
+    StreamingFedAdagrad,
+    StreamingFedAdam,
+    StreamingFedAvg,
+    StreamingFedAvgM,
+    StreamingFedProx,
+    StreamingFedYogi,
+)
 
 EXPECTED_TYPES: dict[str, type[Strategy]] = {
     "bulyan": Bulyan,
-    "fedadagrad": FedAdagrad,
-    "fedadam": FedAdam,
-    "fedavg": FedAvg,
-    "fedavgm": FedAvgM,
+    "fedadagrad": StreamingFedAdagrad,
+    "fedadam": StreamingFedAdam,
+    "fedavg": StreamingFedAvg,
+    "fedavgm": StreamingFedAvgM,
     "fedmedian": FedMedian,
-    "fedprox": FedProx,
+    "fedprox": StreamingFedProx,
     "fedtrimmedavg": FedTrimmedAvg,
-    "fedyogi": FedYogi,
+    "fedyogi": StreamingFedYogi,
     "krum": Krum,
     "multikrum": MultiKrum,
 }
@@ -201,7 +209,7 @@ def test_parameters_are_mapped() -> None:
 
 
 def test_name_lookup_is_case_insensitive() -> None:
-    assert type(build_strategy(StrategyConfig(name="FedAvgM"), num_sites=3)) is FedAvgM
+    assert type(build_strategy(StrategyConfig(name="FedAvgM"), num_sites=3)) is StreamingFedAvgM
 
 
 def test_unknown_name_lists_valid_names() -> None:
@@ -498,5 +506,5 @@ def test_stateless_strategies_and_mismatched_state() -> None:
     load_strategy_state(fedavg, {})
     fedadam = build_strategy(StrategyConfig(name="fedadam"), num_sites=3)
     _run_round(fedadam, 1, np.zeros(2), ROUND1)
-    with pytest.raises(ValueError, match="do not belong to FedAvg"):
+    with pytest.raises(ValueError, match="do not belong to StreamingFedAvg"):
         load_strategy_state(fedavg, strategy_state(fedadam))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -33,8 +33,27 @@ class DataConfig(_Section):
     )
     download: bool = Field(False, description="Download missing MedMNIST files with the medmnist package.")
     num_sites: int = Field(3, ge=1, le=1000, description="Number of hospitals the data is split into.")
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="How labels are spread over sites.")
+    partition: Literal["iid", "dirichlet", "quantity", "natural"] = Field(
+        "iid",
+        description="How samples are spread over sites: iid, dirichlet (label skew), quantity (size skew), "
+        "natural (the dataset's real hospitals, e.g. heart_disease).",
+    )
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partition=dirichlet).")
+    quantity_fractions: str = Field(
+        "", description="partition=quantity: relative site sizes, comma separated (empty = power law)."
+    )
+    quantity_exponent: float = Field(
+        1.0, ge=0.0, description="partition=quantity without fractions: site k gets a share ~ k^-exponent."
+    )
+    site_shift: Literal["default", "none", "acquisition"] = Field(
+        "default",
+        description="Per-site feature shift: default (the dataset's own, synthetic only), none, or "
+        "acquisition (MONAI scanner profiles for any image dataset).",
+    )
+    shift_strength: float = Field(0.5, ge=0.0, le=2.0, description="site_shift=acquisition: 0 none, 0.5 clear, 1 strong.")
+    shift_components: str = Field(
+        "all", description="site_shift=acquisition: blur,downsample,gamma,contrast,bias,noise (comma list) or all."
+    )
     min_site_size: int = Field(2, ge=1, description="Smallest number of training samples a site may hold.")
     max_train_samples: int = Field(0, ge=0, description="Cap on the pooled training set (0 = all).")
     max_test_samples: int = Field(0, ge=0, description="Cap on the pooled test set (0 = all).")
@@ -67,6 +86,9 @@ class TrainConfig(_Section):
     """Local training at each site, per round."""
 
     local_epochs: float = Field(1.0, gt=0.0, description="Passes over the site's data per round (may be fractional).")
+    local_steps: int = Field(
+        0, ge=0, description="Fixed optimizer steps per round at every site, whatever its size (0 = use local_epochs)."
+    )
     batch_size: int = Field(32, ge=1, description="Expected batch size (Poisson-sampled under DP).")
     lr: float = Field(0.05, gt=0.0, description="Local learning rate.")
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -75,6 +97,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     amp: bool = Field(True, description="bf16 mixed precision on CUDA for non-DP training.")
     num_threads: int = Field(0, ge=0, description="torch CPU threads per site (0 = leave torch's default).")
+    transfer_dtype: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="Update a site sends: fp32 weights, or its change quantized to fp16 / int8 (server decodes)."
+    )
 
 
 class PrivacyConfig(_Section):
@@ -88,7 +113,23 @@ class PrivacyConfig(_Section):
     noise_multiplier: float = Field(0.0, ge=0.0, description=">0: use this noise and stop at target_epsilon.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample gradient clipping bound.")
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    grad_sample_mode: Literal["auto", "ghost", "hooks", "ew", "functorch"] = Field(
+        "auto",
+        description="Per-sample clipping: ghost = medfed's mixed ghost clipping (fastest for cnn/resnet/densenet), "
+        "hooks/ew/functorch = Opacus' per-sample gradients, auto = ghost when every layer supports it, else hooks.",
+    )
+
+
+class CentralDPConfig(_Section):
+    """Central DP at the coordinator (strategies/central_dp.py): Flower's server-side
+    fixed-clipping wrapper around fedavg/fedprox, site updates averaged uniformly,
+    epsilon from an Opacus RDP accountant. Independent of the sites' DP-SGD (privacy.*).
+    """
+
+    enabled: bool = Field(False, description="Clip each site's update and add Gaussian noise to the average.")
+    noise_multiplier: float = Field(1.0, gt=0.0, description="Noise std / clipping_norm, per sampled site.")
+    clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound on each site's model update.")
+    target_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="delta at which epsilon is reported.")
 
 
 class StrategyConfig(_Section):
@@ -124,6 +165,57 @@ class ServerConfig(_Section):
     resume: str = Field("", description="Run directory to continue from its last completed round.")
     keep_checkpoints: int = Field(0, ge=0, description="Round checkpoints kept (0 = all).")
     round_timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for site replies.")
+    poll_interval: float = Field(
+        0.5, ge=0.0, description="Deployment: seconds between pulls for site replies (0 = Flower's fixed 3 s)."
+    )
+
+
+class ClinicalConfig(_Section):
+    """Clinical evaluation at each site: operating point, intervals, calibration, subgroups.
+
+    Everything here is computed at the site from its own test split; only aggregate
+    numbers leave it (see ``client/clinical_guard.py``).
+    """
+
+    threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Operating point: predict positive when P(positive) >= threshold."
+    )
+    positive_class: int = Field(1, ge=0, description="Class index treated as 'positive' (the others are 'negative').")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals (DeLong for AUC, Wilson otherwise)."
+    )
+    calibration_bins: int = Field(10, ge=2, le=20, description="Equal-width bins of the reliability diagram.")
+    min_group_size: int = Field(
+        10, ge=5, description="Subgroups (and reliability bins) smaller than this are never sent (floor 5)."
+    )
+    age_bands: str = Field(
+        "18,40,65", description="Age band edges in years, comma separated, increasing (at most 7 edges)."
+    )
+
+    @field_validator("age_bands", mode="before")
+    @classmethod
+    def _check_age_bands(cls, value: object) -> str:
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # --set ...=18
+        if isinstance(text, str):
+            parse_age_edges(text)
+        return text  # type: ignore[return-value]  (non-strings fail the str check with pydantic's message)
+
+
+def parse_age_edges(value: str) -> tuple[int, ...]:
+    """Parse ``clinical.age_bands`` (``"18,40,65"``) into increasing integer edges in ``[1, 150]``.
+
+    Raises:
+        ValueError: Not integers, not strictly increasing, out of range or more than 7 edges.
+    """
+    try:
+        edges = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"clinical.age_bands must be whole years separated by commas, got {value!r}") from None
+    if len(edges) > 7 or any(not 1 <= e <= 150 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ValueError(
+            f"clinical.age_bands must be at most 7 strictly increasing whole years in [1, 150], got {value!r}"
+        )
+    return edges
 
 
 class SimulationConfig(_Section):
@@ -131,6 +223,70 @@ class SimulationConfig(_Section):
 
     cpus_per_site: float = Field(1.0, gt=0.0)
     gpus_per_site: float = Field(0.0, ge=0.0)
+    site_policy: str = Field(
+        "", description="Site policy YAML every simulated site obeys ('' = none); real sites use node config 'policy'."
+    )
+    site_state_dir: str = Field(
+        "", description="Simulated sites' disks (ledger, audit log) ('' = <run dir>/site-state); real sites: 'state-dir'."
+    )
+    data_cache_mb: int = Field(
+        2048, ge=0, description="Site data kept per worker process between rounds, in MB (0 = reload every round)."
+    )
+
+
+class FaultsConfig(_Section):
+    """Simulated site faults (simulation only; a real site ignores this section)."""
+
+    dropout_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Share of sites that fail each round (error reply).")
+    straggler_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of sites that reply late each round.")
+    straggler_delay: float = Field(1.0, ge=0.0, description="Seconds a late site waits before replying.")
+    start_round: int = Field(1, ge=1, description="First round with faults.")
+
+
+class AttackConfig(_Section):
+    """Malicious simulated sites (simulation only; never active unless kind is set)."""
+
+    kind: Literal["none", "label_flip", "sign_flip", "scale", "gaussian"] = Field(
+        "none", description="none, label_flip (train on flipped labels), sign_flip, scale (update x scale), gaussian."
+    )
+    sites: str = Field("", description="Malicious sites, 1-based numbers, comma separated (e.g. '5' or '2,5').")
+    scale: float = Field(10.0, description="kind=scale: factor k applied to the site's update.")
+    noise_std: float = Field(1.0, gt=0.0, description="kind=gaussian: std of the random update sent instead.")
+    start_round: int = Field(1, ge=1, description="First attacked round.")
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_text(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # --set attack.sites=5
+        if isinstance(value, str):
+            parse_site_list(value)
+        return value
+
+
+def parse_site_list(value: str) -> tuple[int, ...]:
+    """Parse ``attack.sites`` (``"2,5"``) into sorted unique 1-based site numbers.
+
+    Raises:
+        ValueError: Not positive whole numbers.
+    """
+    try:
+        sites = tuple(sorted({int(v) for v in str(value).split(",") if v.strip()}))
+    except ValueError:
+        raise ValueError(f"attack.sites must be 1-based site numbers separated by commas, got {value!r}") from None
+    if any(site < 1 for site in sites):
+        raise ValueError(f"attack.sites are 1-based (site-1 is 1), got {value!r}")
+    return sites
+
+
+class BaselineConfig(_Section):
+    """Centralised baselines trained by ``medfed simulate --baselines`` (pooled and local-only)."""
+
+    epochs: float = Field(
+        0.0, ge=0.0, description="Passes over the training data (0 = as many as each site makes in the federated run)."
+    )
+    optimizer: Literal["same", "sgd", "adam"] = Field("same", description="same = train.optimizer.")
+    lr: float = Field(0.0, ge=0.0, description="Learning rate (0 = train.lr).")
 
 
 class ExperimentConfig(_Section):
@@ -143,5 +299,10 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)

@@ -75,6 +75,14 @@ __all__ = [
     "stratified_subset",
 ]
 
+# Datasets in their own modules register on import: UCI Heart Disease (4 real
+# hospitals, tabular) and the MedMNIST 3-D volumes.
+from federation.data import heart as _heart  # noqa: E402,F401
+from federation.data import medmnist3d as _medmnist3d  # noqa: E402,F401
+from federation.data.shift import AcquisitionProfile, acquisition_profile, shift_site_images  # noqa: E402
+
+__all__ += ["AcquisitionProfile", "acquisition_profile", "shift_site_images"]
+
 # DICOM folders (a hospital's own images) register last: they build on the registry.
 from federation.data.dicom import load_dicom_splits as _load_dicom_splits  # noqa: E402
 

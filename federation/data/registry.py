@@ -33,8 +33,9 @@ _RESIZE_CHUNK_PIXELS = 1 << 24
 class DatasetSplits:
     """A whole dataset, split into train and test (and, where it exists, val).
 
-    Images are ``float32`` arrays of shape ``(N, C, H, W)`` scaled to ``[0, 1]``;
-    labels are ``int64`` arrays of shape ``(N,)`` with values in
+    Images are ``float32`` arrays of shape ``(N, C, H, W)`` scaled to ``[0, 1]``
+    (volumes: ``(N, C, D, H, W)``; tabular data: feature vectors ``(N, F)``, where
+    ``in_channels`` is the number of features ``F``); labels are ``int64`` arrays of shape ``(N,)`` with values in
     ``[0, num_classes)``. Arrays returned by :func:`load_dataset` are read-only
     and shared by every caller in the process: index them (which copies), never
     write to them.
@@ -51,6 +52,13 @@ class DatasetSplits:
         label_names: One human-readable name per class.
         val_images: Official validation images, or ``None`` if the dataset has none.
         val_labels: Official validation labels, or ``None``.
+        test_groups: Optional per-sample subgroup attributes of the test split,
+            name -> int array ``(M,)`` (``"sex"`` codes, ``"age"`` in years; -1 unknown;
+            see :mod:`federation.metrics.clinical`). Never identifiers.
+        train_sites: For datasets with a natural split into hospitals: the zero-based
+            site of every training sample, int64 ``(N,)`` (``data.partition=natural``).
+        test_sites: The site of every test sample, int64 ``(M,)``.
+        site_names: Display names of the natural sites, in site order.
     """
 
     name: str
@@ -64,6 +72,10 @@ class DatasetSplits:
     label_names: tuple[str, ...]
     val_images: np.ndarray | None = None
     val_labels: np.ndarray | None = None
+    test_groups: dict[str, np.ndarray] | None = None
+    train_sites: np.ndarray | None = None
+    test_sites: np.ndarray | None = None
+    site_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check shapes, dtypes and label ranges so a faulty loader fails early."""
@@ -78,11 +90,15 @@ class DatasetSplits:
             raise ValueError(f"dataset '{self.name}': val_images and val_labels must both be set or both be None")
         if self.val_images is not None and self.val_labels is not None:
             splits.append(("val", self.val_images, self.val_labels))
+        for key, values in (self.test_groups or {}).items():
+            if np.asarray(values).shape != self.test_labels.shape:
+                raise ValueError(f"dataset '{self.name}': test_groups[{key!r}] does not have one value per test sample")
         for split, images, labels in splits:
             where = f"dataset '{self.name}', {split} split"
-            if images.dtype != np.float32 or images.ndim != 4:
+            if images.dtype != np.float32 or images.ndim not in (2, 4, 5):
                 raise ValueError(
-                    f"{where}: images must be float32 (N, C, H, W), got {images.dtype} {images.shape}"
+                    f"{where}: images must be float32 (N, C, H, W), (N, C, D, H, W) or features (N, F), "
+                    f"got {images.dtype} {images.shape}"
                 )
             if images.shape[1] != self.in_channels:
                 raise ValueError(f"{where}: images have {images.shape[1]} channels, in_channels={self.in_channels}")
@@ -95,11 +111,36 @@ class DatasetSplits:
                     f"{where}: labels must lie in [0, {self.num_classes}), "
                     f"found [{labels.min()}, {labels.max()}]"
                 )
+        _check_natural_sites(self)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes, 0 for tabular feature vectors."""
+        return int(self.train_images.ndim - 2)
 
     @property
     def image_size(self) -> int:
-        """Side length ``H`` of the (square) images."""
-        return int(self.train_images.shape[2])
+        """Side length ``H`` of the (square) images; 0 for tabular data."""
+        return int(self.train_images.shape[2]) if self.spatial_dims else 0
+
+
+def _check_natural_sites(splits: DatasetSplits) -> None:
+    """Natural site assignments: both splits or neither, one int per sample, names for every site."""
+    if (splits.train_sites is None) != (splits.test_sites is None):
+        raise ValueError(f"dataset '{splits.name}': train_sites and test_sites must both be set or both be None")
+    if splits.train_sites is None or splits.test_sites is None:
+        return
+    for split, sites, labels in (
+        ("train", splits.train_sites, splits.train_labels),
+        ("test", splits.test_sites, splits.test_labels),
+    ):
+        if sites.dtype != np.int64 or sites.shape != labels.shape:
+            raise ValueError(f"dataset '{splits.name}': {split}_sites must be int64 with one site per sample")
+        if sites.size and (sites.min() < 0 or sites.max() >= len(splits.site_names)):
+            raise ValueError(
+                f"dataset '{splits.name}': {split}_sites must lie in [0, {len(splits.site_names)}) "
+                f"(one name per site in site_names)"
+            )
 
 
 DatasetLoader = Callable[..., DatasetSplits]
@@ -112,6 +153,8 @@ class DatasetInfo:
 
     in_channels: int
     num_classes: int
+    spatial_dims: int = 2
+    """2 for images, 3 for volumes, 0 for tabular data (``in_channels`` = features)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +226,9 @@ def dataset_info(config: DataConfig, *, seed: int = 0) -> DatasetInfo:
     if entry.info is not None:
         return entry.info
     splits = load_dataset(config, seed=seed)
-    return DatasetInfo(in_channels=splits.in_channels, num_classes=splits.num_classes)
+    return DatasetInfo(
+        in_channels=splits.in_channels, num_classes=splits.num_classes, spatial_dims=splits.spatial_dims
+    )
 
 
 def site_shift_strength(name: str) -> float:
@@ -235,14 +280,19 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
 
     train_images, train_labels = raw.train_images, raw.train_labels
     test_images, test_labels = raw.test_images, raw.test_labels
+    train_sites, test_sites = raw.train_sites, raw.test_sites
+    test_groups = dict(raw.test_groups) if raw.test_groups else None
     if 0 < config.max_train_samples < len(train_labels):
         idx = stratified_subset(train_labels, n=config.max_train_samples, seed=_derive_seed(seed, 11))
         train_images, train_labels = train_images[idx], train_labels[idx]
+        train_sites = train_sites[idx] if train_sites is not None else None
     if 0 < config.max_test_samples < len(test_labels):
         idx = stratified_subset(test_labels, n=config.max_test_samples, seed=_derive_seed(seed, 12))
         test_images, test_labels = test_images[idx], test_labels[idx]
+        test_sites = test_sites[idx] if test_sites is not None else None
+        test_groups = {k: np.asarray(v)[idx] for k, v in test_groups.items()} if test_groups else None
     val_images = raw.val_images
-    if raw.image_size != config.image_size:
+    if raw.spatial_dims and raw.image_size != config.image_size:
         train_images = resize_images(train_images, size=config.image_size)
         test_images = resize_images(test_images, size=config.image_size)
         if val_images is not None:
@@ -266,16 +316,18 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
         label_names=raw.label_names,
         val_images=arrays[4],
         val_labels=arrays[5],
+        test_groups=test_groups,
+        train_sites=train_sites,
+        test_sites=test_sites,
+        site_names=raw.site_names,
     )
     logger.info(
-        "dataset %s: %d train / %d test images, %d classes, %dx%dx%d",
+        "dataset %s: %d train / %d test samples, %d classes, shape %s",
         splits.name,
         len(splits.train_labels),
         len(splits.test_labels),
         splits.num_classes,
-        splits.in_channels,
-        splits.image_size,
-        splits.image_size,
+        "x".join(str(d) for d in splits.train_images.shape[1:]),
     )
     return splits
 
@@ -322,20 +374,30 @@ def stratified_subset(labels: np.ndarray, *, n: int, seed: int) -> np.ndarray:
 
 
 def resize_images(images: np.ndarray, *, size: int) -> np.ndarray:
-    """Resize ``(N, C, H, W)`` float images to ``size x size`` (bilinear, antialiased).
+    """Resize ``(N, C, H, W)`` images to ``size x size`` (bilinear, antialiased), or volumes.
+
+    ``(N, C, D, H, W)`` volumes become ``size`` cubed (trilinear; torch has no
+    antialiased 3-D resize).
 
     Args:
-        images: Float images in ``[0, 1]``.
+        images: Float images (or volumes) in ``[0, 1]``.
         size: Output side length.
 
     Returns:
-        A new float32 array ``(N, C, size, size)`` clipped to ``[0, 1]``.
+        A new float32 array ``(N, C, size, ...)`` clipped to ``[0, 1]``.
     """
     n, c = images.shape[:2]
-    out = np.empty((n, c, size, size), dtype=np.float32)
-    step = max(1, _RESIZE_CHUNK_PIXELS // (c * size * size))
+    dims = images.ndim - 2
+    if dims not in (2, 3):
+        raise ValueError(f"resize_images expects (N, C, H, W) or (N, C, D, H, W), got shape {images.shape}")
+    shape = (size,) * dims
+    out = np.empty((n, c, *shape), dtype=np.float32)
+    step = max(1, _RESIZE_CHUNK_PIXELS // (c * size**dims))
     for start in range(0, n, step):
         chunk = torch.from_numpy(np.array(images[start : start + step], dtype=np.float32))
-        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if dims == 2:
+            resized = F.interpolate(chunk, size=shape, mode="bilinear", antialias=True, align_corners=False)
+        else:
+            resized = F.interpolate(chunk, size=shape, mode="trilinear", align_corners=False)
         out[start : start + step] = resized.clamp_(0.0, 1.0).numpy()
     return out

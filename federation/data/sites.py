@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 from federation.config.schema import DataConfig
 from federation.data.paths import resolve_data_dir
 from federation.data.partition import partition_indices, partition_like
-from federation.data.registry import DatasetSplits, _derive_seed, load_dataset, site_shift_strength
-from federation.data.synthetic import apply_site_shift
+from federation.data.registry import DatasetSplits, _derive_seed, load_dataset
+from federation.data.scenario import SKEWED_PARTITIONS, shift_site_split, skewed_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ class SiteData:
         in_channels: Image channels.
         label_counts: Training samples per class, every class listed (0 if absent).
         test_label_counts: Test samples per class, every class listed.
+        test_groups: Subgroup attributes of the test samples, name -> int array
+            (``"sex"``, ``"age"``; -1 unknown), where the dataset carries them
+            (DICOM headers); empty otherwise. They never leave the site: only
+            aggregate metrics per subgroup do (:mod:`federation.metrics.clinical`).
+        spatial_dims: 2 for images, 3 for volumes, 0 for tabular feature vectors.
     """
 
     name: str
@@ -44,6 +49,8 @@ class SiteData:
     in_channels: int
     label_counts: dict[int, int]
     test_label_counts: dict[int, int] = field(default_factory=dict)
+    test_groups: dict[str, np.ndarray] = field(default_factory=dict)
+    spatial_dims: int = 2
 
 
 def site_name(site_index: int) -> str:
@@ -69,6 +76,11 @@ def _partitions_cached(
 ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     config = DataConfig.model_validate_json(config_json)
     splits = load_dataset(config, seed=seed)
+    if config.partition in SKEWED_PARTITIONS:  # quantity skew, natural hospitals
+        skewed = skewed_partitions(config, splits, seed=seed, num_sites=num_sites)
+        for part in (*skewed[0], *skewed[1]):
+            part.setflags(write=False)
+        return tuple(skewed[0]), tuple(skewed[1])
     try:
         train = partition_indices(
             splits.train_labels,
@@ -134,7 +146,9 @@ def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites:
     (other random draws), so each site has its own test data whose size and label
     mix mirror its training data (at least one test sample per site). For datasets
     registered with a site shift (``synthetic``) the site's train and test images
-    pass through :func:`apply_site_shift`.
+    pass through :func:`apply_site_shift`; ``data.site_shift=acquisition`` gives any
+    image dataset MONAI scanner profiles (:mod:`federation.data.shift`), and
+    ``data.partition`` quantity/natural are cut by :mod:`federation.data.scenario`.
 
     Args:
         config: The ``data`` section.
@@ -156,12 +170,8 @@ def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites:
     train_idx, test_idx = train_parts[site_index], test_parts[site_index]
     train_images = splits.train_images[train_idx]
     test_images = splits.test_images[test_idx]
-    strength = site_shift_strength(config.dataset)
-    if strength > 0:
-        train_images = apply_site_shift(train_images, site_index=site_index, seed=seed, strength=strength)
-        test_images = apply_site_shift(
-            test_images, site_index=site_index, seed=seed, strength=strength, noise_stream=1
-        )
+    train_images = shift_site_split(config, train_images, site_index=site_index, seed=seed, noise_stream=0)
+    test_images = shift_site_split(config, test_images, site_index=site_index, seed=seed, noise_stream=1)
     train_labels, test_labels = splits.train_labels[train_idx], splits.test_labels[test_idx]
     site = SiteData(
         name=site_name(site_index),
@@ -171,6 +181,8 @@ def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites:
         in_channels=splits.in_channels,
         label_counts=_counts(train_labels, splits.num_classes),
         test_label_counts=_counts(test_labels, splits.num_classes),
+        test_groups={k: np.asarray(v)[test_idx] for k, v in (splits.test_groups or {}).items()},
+        spatial_dims=splits.spatial_dims,
     )
     logger.debug(
         "%s: %d train %s, %d test %s",
@@ -207,7 +219,8 @@ def describe_sites(config: DataConfig, *, seed: int, num_sites: int | None = Non
 
     Returns:
         One dict per site: ``name``, ``n_train``, ``n_test``, ``label_counts`` (train)
-        and ``test_label_counts``, each count dict listing every class.
+        and ``test_label_counts``, each count dict listing every class; with
+        ``data.partition=natural`` also ``origin``, the hospital's name.
     """
     splits = load_dataset(config, seed=seed)
     train_parts, test_parts = site_partitions(config, seed=seed, num_sites=num_sites)
@@ -218,6 +231,7 @@ def describe_sites(config: DataConfig, *, seed: int, num_sites: int | None = Non
             "n_test": int(len(te)),
             "label_counts": _counts(splits.train_labels[tr], splits.num_classes),
             "test_label_counts": _counts(splits.test_labels[te], splits.num_classes),
+            **({"origin": splits.site_names[i]} if config.partition == "natural" else {}),
         }
         for i, (tr, te) in enumerate(zip(train_parts, test_parts))
     ]

@@ -1,7 +1,8 @@
 """Networks for medfed, selected by name from a registry (``model.name``).
 
 Registered: ``cnn`` (default, small and fast), ``resnet10``, ``resnet18`` (CIFAR-style
-stem) and ``densenet121`` (MONAI). All are DP-compatible with ``model.norm`` set to
+stem) and ``densenet121`` (MONAI) for images and volumes, and ``logreg`` (logistic
+regression) for tabular data. All are DP-compatible with ``model.norm`` set to
 ``"group"`` or ``"instance"``: no BatchNorm, no in-place activations, no in-place
 residual adds.
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from federation.config.loading import ConfigError
 from federation.config.schema import ModelConfig
-from federation.models import cnn, densenet, resnet
+from federation.models import cnn, densenet, logreg, resnet
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +28,28 @@ Builder = Callable[..., nn.Module]
 """``builder(*, config: ModelConfig, in_channels: int, num_classes: int, spatial_dims: int) -> nn.Module``."""
 
 SPATIAL_DIMS = (2, 3)
-"""Spatial dimensionalities every registered network supports."""
+"""Spatial dimensionalities of image networks (the default of :func:`register_model`)."""
+TABULAR = (0,)
+"""``spatial_dims`` of networks for tabular feature vectors (``in_channels`` = features)."""
 
 
 @dataclass(frozen=True)
 class _Entry:
     builder: Builder
     min_input_size: Mapping[str, int]
+    spatial_dims: tuple[int, ...] = SPATIAL_DIMS
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(name: str, builder: Builder, *, min_input_size: int | Mapping[str, int] = 8) -> None:
+def register_model(
+    name: str,
+    builder: Builder,
+    *,
+    min_input_size: int | Mapping[str, int] = 8,
+    spatial_dims: tuple[int, ...] = SPATIAL_DIMS,
+) -> None:
     """Register (or replace) a network under ``name``.
 
     Args:
@@ -50,6 +59,8 @@ def register_model(name: str, builder: Builder, *, min_input_size: int | Mapping
             number or a mapping ``{"group": .., "instance": .., "batch": ..}`` when it
             depends on ``model.norm`` (a missing norm falls back to the largest value).
             Defaults to 8, the smallest ``data.image_size``.
+        spatial_dims: The input kinds it accepts: 2 images, 3 volumes, 0 tabular
+            feature vectors (:data:`TABULAR`).
 
     Raises:
         ValueError: If ``name`` is empty or ``builder`` is not callable.
@@ -61,7 +72,7 @@ def register_model(name: str, builder: Builder, *, min_input_size: int | Mapping
     sizes = {"*": int(min_input_size)} if isinstance(min_input_size, int) else dict(min_input_size)
     if name in _REGISTRY:
         logger.debug("Replacing registered model %r", name)
-    _REGISTRY[name] = _Entry(builder=builder, min_input_size=sizes)
+    _REGISTRY[name] = _Entry(builder=builder, min_input_size=sizes, spatial_dims=tuple(spatial_dims))
 
 
 def available_models() -> list[str]:
@@ -169,9 +180,10 @@ def build_model(
 
     Args:
         config: The ``model`` config section (``name``, ``norm``, ``width``, ``dropout``).
-        in_channels: Input image channels (1 for grey-scale, 3 for RGB).
+        in_channels: Input image channels (1 for grey-scale, 3 for RGB); for tabular
+            data the number of features.
         num_classes: Output logits; binary tasks use 2 (trained with cross-entropy).
-        spatial_dims: 2 for images, 3 for volumes.
+        spatial_dims: 2 for images, 3 for volumes, 0 for tabular data (``logreg``).
         dp: Whether the model will be trained with Opacus DP-SGD. Then
             ``config.norm="batch"`` is refused and the built network is validated.
 
@@ -192,8 +204,14 @@ def build_model(
             "model.norm: 'batch' cannot be used with differential privacy (BatchNorm mixes samples "
             "within a batch, so per-sample gradients are undefined); use 'group' or 'instance'"
         )
-    if spatial_dims not in SPATIAL_DIMS:
-        problems.append(f"spatial_dims: must be one of {SPATIAL_DIMS}, got {spatial_dims}")
+    if spatial_dims not in entry.spatial_dims:
+        kinds = {0: "tabular features", 2: "2-D images", 3: "3-D volumes"}
+        takes = ", ".join(kinds.get(d, str(d)) for d in entry.spatial_dims)
+        compatible = [n for n in available_models() if spatial_dims in _REGISTRY[n].spatial_dims]
+        problems.append(
+            f"model.name: {config.name!r} takes {takes}, but the data is {kinds.get(spatial_dims, spatial_dims)} "
+            f"(spatial_dims={spatial_dims}); models that fit: {', '.join(compatible) or 'none'}"
+        )
     if in_channels < 1:
         problems.append(f"in_channels: must be >= 1, got {in_channels}")
     if num_classes < 2:
@@ -226,3 +244,4 @@ register_model("cnn", cnn.build_cnn, min_input_size=cnn.MIN_INPUT_SIZE)
 register_model("densenet121", densenet.build_densenet121, min_input_size=densenet.MIN_INPUT_SIZE)
 register_model("resnet18", resnet.build_resnet18, min_input_size=resnet.MIN_INPUT_SIZE)
 register_model("resnet10", resnet.build_resnet10, min_input_size=resnet.MIN_INPUT_SIZE)
+register_model("logreg", logreg.build_logreg, spatial_dims=TABULAR)
