@@ -28,6 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import StrategyConfig
+from strategies.reddi import FedAdamReddi
 from strategies import (
     QuorumStrategy,
     StrategyWrapper,
@@ -53,6 +54,7 @@ EXPECTED_TYPES: dict[str, type[Strategy]] = {
     "bulyan": Bulyan,
     "fedadagrad": StreamingFedAdagrad,
     "fedadam": StreamingFedAdam,
+    "fedadam-reddi": FedAdamReddi,
     "fedavg": StreamingFedAvg,
     "fedavgm": StreamingFedAvgM,
     "fedmedian": FedMedian,
