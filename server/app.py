@@ -27,7 +27,7 @@ from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
 from server.run_dir import ROUNDS_FILE, Checkpoint, RunDirectory
 from server.summary import build_summary
-from strategies import QuorumStrategy, build_strategy, load_strategy_state, strategy_state
+from strategies import AlignedMetricKeys, QuorumStrategy, build_strategy, load_strategy_state, strategy_state
 from strategies.central_dp import CENTRAL_DP_FILE, with_central_dp
 from strategies.compression import with_transfer_decoding
 from strategies.ordered import OrderedReplies
@@ -131,7 +131,9 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
         logger.info("run %s already completed %d of %d rounds", run.path, done, config.server.rounds)
     else:
         recorder = RecordingStrategy(
-            QuorumStrategy(inner=OrderedReplies(inner=strategy), min_replies=config.strategy.min_sites),
+            QuorumStrategy(
+                inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)), min_replies=config.strategy.min_sites
+            ),
             run=run,
             round_offset=done,
         )

@@ -5,6 +5,7 @@
 * :mod:`strategies.builtin`: registrations of Flower's built-in strategies.
 * :mod:`strategies.metrics`: NaN-safe weighted metric aggregation.
 * :mod:`strategies.wrapper`: :class:`StrategyWrapper`, a delegating base class.
+* :mod:`strategies.aligned`: :class:`AlignedMetricKeys` (sites may omit suppressed metrics).
 * :mod:`strategies.quorum`: :class:`QuorumStrategy` (refusals, failures, quorum).
 * :mod:`strategies.state`: save/restore server-side strategy state for resume.
 * :mod:`strategies.streaming`: FedAvg-family aggregation in O(model) memory,
@@ -14,6 +15,7 @@
 
 from strategies import builtin as _builtin  # noqa: F401  (registers the built-in strategies)
 from strategies import reddi as _reddi  # noqa: F401  (registers fedadam-reddi)
+from strategies.aligned import AlignedMetricKeys, align_metric_keys
 from strategies.metrics import aggregate_metrics_nan_safe
 from strategies.quorum import REFUSED_KEY, STATUS_KEY, QuorumStrategy, refusal_reason
 from strategies.registry import (
@@ -28,6 +30,7 @@ from strategies.state import StrategyState, load_strategy_state, strategy_state
 from strategies.wrapper import StrategyWrapper, iter_layers, unwrap
 
 __all__ = [
+    "AlignedMetricKeys",
     "REFUSED_KEY",
     "STATUS_KEY",
     "CommonStrategyKwargs",
@@ -36,6 +39,7 @@ __all__ = [
     "StrategyState",
     "StrategyWrapper",
     "aggregate_metrics_nan_safe",
+    "align_metric_keys",
     "available_strategies",
     "build_strategy",
     "common_strategy_kwargs",

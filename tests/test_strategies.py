@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -30,6 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from federation.config import StrategyConfig
 from strategies.reddi import FedAdamReddi
 from strategies import (
+    AlignedMetricKeys,
     QuorumStrategy,
     StrategyWrapper,
     aggregate_metrics_nan_safe,
@@ -396,6 +398,34 @@ def test_quorum_filters_evaluate_replies() -> None:
     strict = QuorumStrategy(inner=build_strategy(StrategyConfig(), num_sites=5), min_replies=4)
     assert strict.aggregate_evaluate(1, replies) is None
     assert strict.aggregate_evaluate(1, []) is None
+
+
+def test_aligned_metric_keys_aggregates_replies_that_omit_suppressed_metrics() -> None:
+    """A site that suppresses a small reliability bin sends fewer keys; the round must still aggregate."""
+    evaluate = MessageType.EVALUATE
+
+    def replies() -> list[Message]:
+        return [
+            make_reply(1, num_examples=1, metrics={"auc": 0.5, "rel-bin-03-obs": 0.2}, message_type=evaluate),
+            make_reply(2, num_examples=3, metrics={"auc": 0.9}, message_type=evaluate),
+            make_reply(3, num_examples=1, metrics={"auc": 0.7, "grp-sex-f-n": 12.0}, message_type=evaluate),
+        ]
+
+    with pytest.raises(InconsistentMessageReplies):
+        build_strategy(StrategyConfig(), num_sites=3).aggregate_evaluate(1, replies())
+    aligned = AlignedMetricKeys(inner=build_strategy(StrategyConfig(), num_sites=3))
+    result = dict(aligned.aggregate_evaluate(1, replies()) or {})
+    # Each metric is averaged over the sites that sent it, weighted by num-examples.
+    assert result == {"auc": pytest.approx((0.5 + 3 * 0.9 + 0.7) / 5), "rel-bin-03-obs": 0.2, "grp-sex-f-n": 12.0}
+
+
+def test_aligned_metric_keys_leaves_matching_replies_untouched() -> None:
+    replies = [make_reply(1, {"w": [1.0]}, metrics={"loss": 1.0}), make_reply(2, {"w": [3.0]}, metrics={"loss": 3.0})]
+    records = [r.content["metrics"] for r in replies]
+    arrays, metrics = AlignedMetricKeys(inner=build_strategy(StrategyConfig(), num_sites=2)).aggregate_train(1, replies)
+    assert arrays is not None and arrays["w"].numpy().tolist() == [2.0]
+    assert dict(metrics or {}) == {"loss": 2.0}
+    assert [r.content["metrics"] for r in replies] == records
 
 
 def test_quorum_rejects_bad_minimum() -> None:
