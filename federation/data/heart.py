@@ -97,6 +97,14 @@ def encode_features(columns: np.ndarray, *, path: Path) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def heart_sex_codes(sex: np.ndarray, *, path: Path) -> np.ndarray:
+    """UCI ``sex`` (1 = male, 0 = female) -> subgroup codes (0 = F, 1 = M, as DICOM's ``SEX_CODES``)."""
+    unknown = sorted(set(sex.tolist()) - {0.0, 1.0})
+    if unknown:
+        raise ValueError(f"{path}: column 1 (sex) holds unexpected values {unknown}; allowed 0 (female), 1 (male)")
+    return sex.astype(np.int8)
+
+
 def split_center(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FLamby's per-center train/test split of ``len(labels)`` rows (sorted index arrays)."""
     from sklearn.model_selection import train_test_split  # lazy: importing scikit-learn takes seconds
@@ -146,7 +154,8 @@ def load_heart_disease(*, config: DataConfig, data_dir: Path, seed: int) -> Data
         seed: Unused: the split is FLamby's fixed one.
 
     Returns:
-        The dataset with ``train_sites``/``test_sites`` set (site 0 Cleveland ... 3 VA).
+        The dataset with ``train_sites``/``test_sites`` set (site 0 Cleveland ... 3 VA), and
+        the test patients' sex and age as ``test_groups`` for subgroup evaluation.
 
     Raises:
         FileNotFoundError: A file is missing.
@@ -154,6 +163,7 @@ def load_heart_disease(*, config: DataConfig, data_dir: Path, seed: int) -> Data
     """
     del config, seed
     xs_train, xs_test, ys_train, ys_test, sites_train, sites_test, md5s = [], [], [], [], [], [], []
+    sex_test, age_test = [], []
     for site, (stem, _display, md5) in enumerate(HEART_CENTERS):
         path = _center_path(data_dir, stem, md5)
         md5s.append(md5)
@@ -168,6 +178,8 @@ def load_heart_disease(*, config: DataConfig, data_dir: Path, seed: int) -> Data
         ys_test.append(labels[test])
         sites_train.append(np.full(len(train), site, dtype=np.int64))
         sites_test.append(np.full(len(test), site, dtype=np.int64))
+        sex_test.append(heart_sex_codes(columns[test, 1], path=path))
+        age_test.append(columns[test, 0].astype(np.int64))
         logger.debug("heart_disease %s: %d rows -> %d train / %d test", stem, len(labels), len(train), len(test))
     return DatasetSplits(
         name="heart_disease",
@@ -182,6 +194,7 @@ def load_heart_disease(*, config: DataConfig, data_dir: Path, seed: int) -> Data
         train_sites=np.concatenate(sites_train),
         test_sites=np.concatenate(sites_test),
         site_names=tuple(display for _stem, display, _md5 in HEART_CENTERS),
+        test_groups={"sex": np.concatenate(sex_test), "age": np.concatenate(age_test)},
     )
 
 
