@@ -193,7 +193,7 @@ def train_round(
     """
     inject_fault(config, settings, server_round=server_round)  # simulated faults only
     data = load_data(config, settings)
-    config = with_site_schedule(config, num_examples=len(data.train))  # train.local_steps
+    config = with_site_schedule(config, num_examples=len(data.train), server_round=server_round)  # steps, lr
     model = _build(config, data)
     model.load_state_dict(dict(global_weights))
     privacy = load_privacy(config, settings, num_examples=len(data.train))

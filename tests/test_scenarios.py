@@ -26,7 +26,7 @@ from federation.data.skew import partition_quantity, quantity_shares
 from federation.models import build_model
 from federation.privacy import SitePrivacy
 from federation.training import train_local
-from federation.training.schedule import site_train_config
+from federation.training.schedule import round_learning_rate, site_train_config, with_site_schedule
 
 
 def _covers_once(parts: list[np.ndarray], n: int) -> None:
@@ -148,6 +148,12 @@ def test_heart_preprocessing_matches_flamby(shared_data_dir: Path) -> None:
     positives = [int(splits.train_labels[splits.train_sites == k].sum() + splits.test_labels[splits.test_sites == k]
                      .sum()) for k in range(4)]
     assert positives == [139, 98, 45, 101]
+    # Subgroups for clinical evaluation come from the raw (unstandardised) sex and age columns.
+    sex, age = splits.test_groups["sex"], splits.test_groups["age"]
+    assert [np.bincount(sex[splits.test_sites == k], minlength=2).tolist() for k in range(4)] == [
+        [34, 70], [19, 70], [0, 16], [3, 42]]  # [female, male] per site
+    assert [(int(age[splits.test_sites == k].min()), int(age[splits.test_sites == k].max())) for k in range(4)] == [
+        (34, 76), (31, 63), (46, 68), (38, 75)]
     for k in (0, 1, 3):  # standardised with the site's own training rows (Switzerland has a constant column)
         train = splits.train_images[splits.train_sites == k]
         np.testing.assert_allclose(train.mean(axis=0), 0.0, atol=1e-5)
@@ -202,6 +208,16 @@ def test_local_steps_give_exactly_that_many_steps_at_every_site_size() -> None:
         from federation.privacy import local_steps
         assert local_steps(num_examples=n, batch_size=4, local_epochs=site.local_epochs) == 100
     assert site_train_config(train.model_copy(update={"local_steps": 0}), num_examples=10).local_epochs == 1.0
+
+
+def test_cosine_lr_schedule_decays_over_the_planned_rounds() -> None:
+    config = load_config(None, ["train.lr=0.01", "train.lr_schedule=cosine", "train.lr_final=0.1", "server.rounds=5"])
+    lrs = [with_site_schedule(config, num_examples=100, server_round=r).train.lr for r in range(1, 6)]
+    # 0.01 * (0.1 + 0.9 * (1 + cos(pi * k / 4)) / 2), k = 0..4
+    assert lrs == pytest.approx([0.01, 0.0086819805, 0.0055, 0.0023180195, 0.001])
+    assert round_learning_rate(config.train, server_round=9, total_rounds=5) == pytest.approx(0.001)  # clamped
+    constant = load_config(None, ["train.lr=0.01", "server.rounds=5"])
+    assert with_site_schedule(constant, num_examples=100, server_round=3) is constant
 
 
 # ----------------------------------------------------------------- 3-D volumes

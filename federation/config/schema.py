@@ -90,7 +90,11 @@ class TrainConfig(_Section):
         0, ge=0, description="Fixed optimizer steps per round at every site, whatever its size (0 = use local_epochs)."
     )
     batch_size: int = Field(32, ge=1, description="Expected batch size (Poisson-sampled under DP).")
-    lr: float = Field(0.05, gt=0.0, description="Local learning rate.")
+    lr: float = Field(0.05, gt=0.0, description="Local learning rate (of round 1 when lr_schedule decays it).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Local learning rate over the rounds: constant, or cosine decay to lr * lr_final."
+    )
+    lr_final: float = Field(0.1, ge=0.0, le=1.0, description="cosine: the last round's lr as a fraction of lr.")
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -1,4 +1,4 @@
-"""A site's local schedule: a fixed number of steps per round (``train.local_steps``).
+"""A site's local schedule: steps per round (``train.local_steps``) and the round's learning rate.
 
 FLamby-style protocols give every site the same number of local updates per
 round whatever its size (100 batches of 4 on Fed-Heart-Disease). The training
@@ -6,9 +6,16 @@ loop and the privacy accountant count work in epochs
 (``steps = ceil(local_epochs * n / min(b, n))``), so a step count is turned into
 the site's own ``local_epochs = steps * min(b, n) / n``, which gives exactly that
 many steps in both (their 1e-9 slack absorbs the rounding).
+
+``train.lr_schedule=cosine`` decays the local learning rate over the planned rounds,
+from ``lr`` in round 1 to ``lr * lr_final`` in the last round (the server sends
+each site the true round number, also after a resume). Every site computes the same
+value from the run config, so nothing extra travels.
 """
 
 from __future__ import annotations
+
+import math
 
 from federation.config import ExperimentConfig
 from federation.config.schema import TrainConfig
@@ -41,7 +48,28 @@ def site_train_config(train: TrainConfig, *, num_examples: int) -> TrainConfig:
     return site
 
 
-def with_site_schedule(config: ExperimentConfig, *, num_examples: int) -> ExperimentConfig:
-    """``config`` with its ``train`` section replaced by :func:`site_train_config`."""
+def round_learning_rate(train: TrainConfig, *, server_round: int, total_rounds: int) -> float:
+    """The local learning rate of ``server_round`` (1-based) of ``total_rounds``.
+
+    Args:
+        train: The run's ``train`` section (``lr``, ``lr_schedule``, ``lr_final``).
+        server_round: The round being trained; clamped to ``[1, total_rounds]``.
+        total_rounds: Rounds planned for the run (``server.rounds``).
+
+    Returns:
+        ``lr`` for ``constant``; for ``cosine``
+        ``lr * (f + (1 - f) * (1 + cos(pi * (r - 1) / (R - 1))) / 2)`` with ``f = lr_final``.
+    """
+    if train.lr_schedule == "constant" or total_rounds <= 1:
+        return train.lr
+    progress = (min(max(server_round, 1), total_rounds) - 1) / (total_rounds - 1)
+    return train.lr * (train.lr_final + (1.0 - train.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def with_site_schedule(config: ExperimentConfig, *, num_examples: int, server_round: int = 1) -> ExperimentConfig:
+    """``config`` as one site trains ``server_round``: :func:`site_train_config` and the round's lr."""
     train = site_train_config(config.train, num_examples=num_examples)
+    lr = round_learning_rate(config.train, server_round=server_round, total_rounds=config.server.rounds)
+    if lr != train.lr:
+        train = train.model_copy(update={"lr": lr})
     return config if train is config.train else config.model_copy(update={"train": train})
