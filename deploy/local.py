@@ -7,7 +7,6 @@ by PID, and stopped (with everything it spawned) by :meth:`LocalConsortium.close
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,8 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITE_KEY, SITE_PUB
-from deploy.commands import SuperLinkSpec, SuperNodeSpec, connection_entry, flower_executable, superlink_command
-from deploy.commands import supernode_command
+from deploy.commands import (
+    SuperLinkSpec,
+    SuperNodeSpec,
+    connection_entry,
+    flower_executable,
+    superlink_command,
+    supernode_command,
+)
 from deploy.fast_supernode import POLL_ENV
 from deploy.flwr_config import write_connection
 from deploy.nginx import FleetProxy, write_standalone
@@ -197,14 +202,6 @@ class LocalConsortium:
             out, _ = proc.communicate(timeout=timeout)
             if proc.returncode != 0 or "registered successfully" not in out:
                 raise RuntimeError(f"registering {site} failed:\n{out}")
-
-    def online_nodes(self) -> int:
-        """Number of SuperNodes the SuperLink reports online."""
-        result = self.flwr("supernode", "list", CONNECTION, "--format", "json")
-        if result.returncode != 0:
-            raise RuntimeError(f"flwr supernode list failed:\n{result.stdout}\n{result.stderr}")
-        nodes = json.loads(result.stdout[result.stdout.index("{"):]).get("nodes", [])
-        return sum(1 for node in nodes if node.get("status") == "online")
 
     def supernode_command(self, site: str, *, index: int, num_sites: int, ca: Path | None = None,
                           key: Path | None = None) -> list[str]:
