@@ -322,6 +322,12 @@ def test_auto_mode_picks_ghost_for_covered_models_and_hooks_otherwise() -> None:
     assert PrivacyConfig().grad_sample_mode == "auto"
 
 
+def test_auto_mode_on_cuda_keeps_ghost_for_shallow_nets_and_hooks_for_densenet() -> None:
+    picks = {name: select_grad_sample_mode(build_model(ModelConfig(name=name), in_channels=1, num_classes=2, dp=True),
+                                           device="cuda") for name in ("cnn", "resnet18", "densenet121")}
+    assert picks == {"cnn": "ghost", "resnet18": "ghost", "densenet121": "hooks"}
+
+
 def _data(n: int) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 2, (n,), generator=generator)

@@ -100,7 +100,7 @@ def make_private(
         )
     engine = _engine(accountant)
     if grad_sample_mode == "auto":
-        grad_sample_mode = select_grad_sample_mode(model)
+        grad_sample_mode = select_grad_sample_mode(model)  # on the device the model is on
     try:
         if grad_sample_mode == "ghost":
             dp_model, dp_optimizer = _make_ghost(

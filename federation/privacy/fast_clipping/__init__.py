@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from federation.privacy.fast_clipping.bookkeeping import GhostClippingModule, clipped_sum
@@ -37,26 +38,48 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "ew", "functorch")
 """Values of ``privacy.grad_sample_mode``."""
 
 
-def select_grad_sample_mode(model: nn.Module) -> str:
-    """The ``grad_sample_mode`` that ``"auto"`` resolves to for ``model``.
+GPU_GHOST_MAX_LAYERS = 64
+"""On CUDA, ``auto`` picks ``ghost`` only for networks with at most this many
+parametrized layers (the CNN: 13, ResNet-18: 41); deeper ones (DenseNet-121: 242)
+get ``hooks``."""
 
-    ``"ghost"`` when every trainable layer has a norm sampler (convolutions,
-    linear, embedding, group/instance norm: all medfed networks), since on CPU it
-    was the fastest mode for every registered model in ``bench/dp_cost.py`` and it
-    never holds per-sample gradients of the whole model (see docs/BENCHMARKS.md,
-    "P2 DP-SGD cost", also for GPU figures, where it is not always the fastest);
-    ``"hooks"`` otherwise, the mode that supports the most layer types.
+
+def _parametrized_layers(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
+
+
+def select_grad_sample_mode(model: nn.Module, *, device: torch.device | str | None = None) -> str:
+    """The ``grad_sample_mode`` that ``"auto"`` resolves to for ``model`` on ``device``.
+
+    ``"hooks"`` when some trainable layer has no norm sampler (``hooks`` supports
+    the most layer types). Otherwise, measured in ``bench/dp_cost.py`` and
+    ``bench/gpu_bench.py`` (docs/BENCHMARKS.md, "P2 DP-SGD cost"):
+
+    * CPU: ``"ghost"``, the fastest mode for every registered network, and it never
+      holds per-sample gradients of the whole model.
+    * CUDA: ``"ghost"`` for networks of at most :data:`GPU_GHOST_MAX_LAYERS`
+      parametrized layers (fastest for the CNN, on par with hooks for ResNet-18
+      with 6 GB less memory); ``"hooks"`` for deeper ones, where ghost's extra
+      per-layer kernels made DenseNet-121 1.4x slower than hooks on an H200.
 
     Args:
         model: The (unwrapped) network.
+        device: Where it trains; ``None`` = the device of its first parameter.
 
     Returns:
         ``"ghost"`` or ``"hooks"``.
     """
-    return "ghost" if not uncovered_layers(model) else "hooks"
+    if uncovered_layers(model):
+        return "hooks"
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if torch.device(device).type == "cuda" and _parametrized_layers(model) > GPU_GHOST_MAX_LAYERS:
+        return "hooks"
+    return "ghost"
 
 
 __all__ = [
+    "GPU_GHOST_MAX_LAYERS",
     "GRAD_SAMPLE_MODES",
     "MEDFED_NORM_SAMPLERS",
     "GhostClippingModule",
