@@ -21,6 +21,7 @@ from simulations.clinical_cli import register_clinical_commands, simulation_gall
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
+from simulations.sweep import failure_reason
 
 app = typer.Typer(
     name="medfed",
@@ -120,6 +121,9 @@ def simulate_command(
     console.print(f"research report: {after_simulate(run_dir, baselines=baselines)}")
     console.print(f"clinical report: {run_dir / 'clinical' / 'report.md'} ({len(gallery)} Grad-CAM gallery panels), "
                   f"model card: {run_dir / 'model_card.md'}, exported model: {run_dir / 'export'}")
+    failure = failure_reason(run_dir)
+    if failure is not None:  # every site failed or refused every round: not a result
+        _fail(f"{run_dir}: {failure}. Fix the sites (their logs say why) and rerun; nothing was trained.")
 
 
 @app.command("validate")

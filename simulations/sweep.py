@@ -19,7 +19,11 @@ A sweep preset (YAML, see ``simulations/configs/sweeps/``)::
 
 Every combination is one run directory ``<out_dir>/<name>/runs/<run id>``. A run
 whose ``summary.json`` exists is not redone; a run that stopped half way is
-resumed from its last checkpoint. Then the sweep writes ``comparison.md`` and
+resumed from its last checkpoint. A run in which no round aggregated (every site
+failed or refused every round: a broken site environment, not a result) is
+*failed*: it is left out of the comparison, named in ``report.md``, and run again
+by the next ``medfed sweep`` after its directory is moved aside to
+``<run id>.failed-<n>`` (nothing is deleted). Then the sweep writes ``comparison.md`` and
 ``comparison.csv`` (mean +- std over seeds), ``runs.csv`` (one row per run) and
 ``plots/`` (the metric per round per strategy, and AUC against epsilon).
 """
@@ -236,11 +240,20 @@ def run_sweep(
     notify = on_run or (lambda run, status: None)
     for run in expand(spec):
         run_path = root / "runs" / run.run_id
+        if (run_path / SUMMARY_FILE).is_file() and failure_reason(run_path) is not None:
+            aside = _move_aside(run_path)
+            logger.warning("sweep run %s had failed (%s); moved to %s and running it again",
+                           run.run_id, failure_reason(aside), aside.name)
         if (run_path / SUMMARY_FILE).is_file():
             notify(run, "skipped")
         else:
             notify(run, "resuming" if (run_path / CONFIG_FILE).is_file() else "running")
             simulate(run_config(spec, run, root=root), verbose=verbose)
+        reason = failure_reason(run_path)
+        if reason is not None:
+            logger.warning("sweep run %s failed: %s", run.run_id, reason)
+            notify(run, "failed")
+            continue
         if spec.baselines and not (run_path / "baselines.json").is_file():
             from simulations.baselines import run_baselines
 
@@ -250,14 +263,57 @@ def run_sweep(
     return root
 
 
+def failure_reason(run_path: Path) -> str | None:
+    """Why a finished run is not a result (no round aggregated), or None if it is one.
+
+    Args:
+        run_path: A run directory with ``summary.json``.
+
+    Returns:
+        ``"no round aggregated; first failure: <site>: <reason>"``, or None for a run
+        with at least one aggregated round (or one that has not finished).
+    """
+    summary_path = run_path / SUMMARY_FILE
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("rounds_aggregated", 1) or not summary.get("rounds_completed", 1):
+        return None
+    for record in read_jsonl(run_path / ROUNDS_FILE):
+        problems = {**(record.get("failed") or {}), **(record.get("refused") or {})}
+        if problems:
+            site, why = sorted(problems.items())[0]
+            return f"no round aggregated; first failure: {site}: {why}"
+    return "no round aggregated"
+
+
+def failed_runs(spec: SweepSpec, root: Path) -> list[tuple[str, str]]:
+    """``(run id, reason)`` of every finished run of the sweep that failed."""
+    found = []
+    for run in expand(spec):
+        reason = failure_reason(root / "runs" / run.run_id)
+        if reason is not None:
+            found.append((run.run_id, reason))
+    return found
+
+
+def _move_aside(run_path: Path) -> Path:
+    for n in itertools.count(1):
+        aside = run_path.with_name(f"{run_path.name}.failed-{n}")
+        if not aside.exists():
+            run_path.rename(aside)
+            return aside
+    raise AssertionError("unreachable")
+
+
 def collect(spec: SweepSpec, root: Path) -> list[dict[str, Any]]:
-    """One row per finished run: its labels and final metrics."""
+    """One row per finished run that is a result (see :func:`failure_reason`): its labels and final metrics."""
     rows = []
     from simulations.baselines import final_site_metrics
 
     for run in expand(spec):
         path = root / "runs" / run.run_id
-        if not (path / SUMMARY_FILE).is_file():
+        if not (path / SUMMARY_FILE).is_file() or failure_reason(path) is not None:
             continue
         summary = json.loads((path / SUMMARY_FILE).read_text())
         final = summary.get("final_global") or {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.sweep import NO_DP, SweepSpec, collect
+from simulations.sweep import NO_DP, SweepSpec, collect, failed_runs
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,10 @@ def write_sweep_report(spec: SweepSpec, root: Path) -> Path:
              "Global = the global model on the pooled test split; mean site = unweighted mean over the sites' "
              "own test splits (final round).", "", markdown, "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    failed = failed_runs(spec, root)
+    if failed:
+        lines += ["", "## Failed runs (left out above; `medfed sweep` runs them again)", ""]
+        lines += [f"- `{run_id}`: {reason}" for run_id, reason in failed]
     lines += ["", f"Per-run numbers: `{RUNS_CSV}`; each run's own report: `runs/<run>/report.md`.", ""]
     path = root / "report.md"
     path.write_text("\n".join(lines))

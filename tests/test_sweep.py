@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,16 @@ from server.run_dir import read_jsonl
 from simulations.baselines import evaluate_everywhere, load_all_sites, read_baselines, run_baselines
 from simulations.harness import resolve_config, simulate
 from simulations.research_report import write_run_report
-from simulations.sweep import SWEEPS_DIR, expand, load_sweep, run_sweep, validate_sweep
+from simulations.sweep import (
+    SWEEPS_DIR,
+    collect,
+    expand,
+    failed_runs,
+    failure_reason,
+    load_sweep,
+    run_sweep,
+    validate_sweep,
+)
 
 SWEEP_PRESETS = sorted(SWEEPS_DIR.glob("*.yaml"))
 
@@ -93,6 +103,33 @@ def test_tiny_sweep_writes_its_comparison_and_is_resumable(sweep: tuple[Path, Pa
     run_sweep(load_sweep(preset), out_dir=str(root.parent), on_run=lambda run, status: statuses.append(status))
     assert statuses == ["skipped", "done", "skipped", "done"]
     assert before == {r: (root / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+
+
+@pytest.mark.integration
+def test_a_run_where_no_round_aggregated_is_reported_failed_and_run_again(
+    sweep: tuple[Path, Path], tmp_path: Path
+) -> None:
+    preset, root = sweep
+    copy = tmp_path / root.name
+    shutil.copytree(root, copy)
+    broken = copy / "runs" / "default__fedavg__eps-50__seed-0"
+    summary = json.loads((broken / "summary.json").read_text())
+    (broken / "summary.json").write_text(json.dumps({**summary, "rounds_aggregated": 0}))
+    rounds = read_jsonl(broken / "rounds.jsonl")
+    rounds[1] = {**rounds[1], "aggregated": False, "failed": {"site-2": "site error ConfigError"}}
+    (broken / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    spec = load_sweep(preset)
+    assert failure_reason(broken) == "no round aggregated; first failure: site-2: site error ConfigError"
+    assert failed_runs(spec, copy) == [(broken.name, failure_reason(broken))]
+    assert [row["strategy"] for row in collect(spec, copy)] == ["fedmedian"]  # left out of the comparison
+
+    statuses: list[str] = []
+    run_sweep(spec, out_dir=str(tmp_path), on_run=lambda run, status: statuses.append(status))
+    assert statuses == ["running", "done", "skipped", "done"]
+    aside = copy / "runs" / f"{broken.name}.failed-1"
+    assert json.loads((aside / "summary.json").read_text())["rounds_aggregated"] == 0  # kept, not deleted
+    assert failure_reason(broken) is None and failed_runs(spec, copy) == []
+    assert "Failed runs" not in (copy / "report.md").read_text()
 
 
 @pytest.mark.integration
