@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -137,27 +138,30 @@ def _labels(raw: np.ndarray, info: MedMNISTInfo, path: Path, key: str) -> np.nda
     return labels
 
 
-def load_medmnist(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSplits:
-    """Load a MedMNIST 2D dataset (the flag is ``config.dataset``) at 28 px.
+ImageReader = Callable[[np.ndarray, MedMNISTInfo, Path, str], np.ndarray]
+"""Turns one raw ``<split>_images`` array into float32 model inputs (2-D images or 3-D volumes)."""
+
+
+def read_official_npz(*, info: MedMNISTInfo, data_dir: Path, download: bool, to_inputs: ImageReader) -> DatasetSplits:
+    """Find, MD5-check and read an official MedMNIST ``<flag>.npz`` (2-D and 3-D alike).
 
     Args:
-        config: The ``data`` section (``dataset`` and ``download`` are used here).
+        info: Official facts of the flag.
         data_dir: Resolved data folder holding ``<flag>.npz``.
-        seed: Unused (the splits are the official ones).
+        download: Fetch the file with the medmnist package when it is missing.
+        to_inputs: Converts each split's raw images (``_images`` or 3-D ``_volumes``).
 
     Returns:
-        The official train/val/test splits as float32 ``(N, C, 28, 28)`` images.
+        The official train/val/test splits.
 
     Raises:
-        FileNotFoundError: The file is missing and ``data.download`` is false.
+        FileNotFoundError: The file is missing and ``download`` is false.
         ImportError: Download was asked for but medmnist is not installed.
         ValueError: The file's MD5 or content does not match the official one.
     """
-    del seed
-    info = MEDMNIST_INFO[config.dataset]
     path = data_dir / f"{info.flag}.npz"
     if not path.is_file():
-        if not config.download:
+        if not download:
             raise FileNotFoundError(
                 f"MedMNIST file for data.dataset={info.flag!r} not found: looked for {path}. "
                 f"Put the official {info.flag}.npz there, point data.data_dir (or the "
@@ -177,7 +181,7 @@ def load_medmnist(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSp
     arrays = _load_npz(path, info)
     splits = {
         name: (
-            _images(arrays[f"{name}_images"], info, path, f"{name}_images"),
+            to_inputs(arrays[f"{name}_images"], info, path, f"{name}_images"),
             _labels(arrays[f"{name}_labels"], info, path, f"{name}_labels"),
         )
         for name in ("train", "val", "test")
@@ -196,6 +200,25 @@ def load_medmnist(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSp
         val_images=splits["val"][0],
         val_labels=splits["val"][1],
     )
+
+
+def load_medmnist(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSplits:
+    """Load a MedMNIST 2D dataset (the flag is ``config.dataset``) at 28 px.
+
+    Args:
+        config: The ``data`` section (``dataset`` and ``download`` are used here).
+        data_dir: Resolved data folder holding ``<flag>.npz``.
+        seed: Unused (the splits are the official ones).
+
+    Returns:
+        The official train/val/test splits as float32 ``(N, C, 28, 28)`` images.
+
+    Raises:
+        FileNotFoundError, ImportError, ValueError: See :func:`read_official_npz`.
+    """
+    del seed
+    return read_official_npz(info=MEDMNIST_INFO[config.dataset], data_dir=data_dir, download=config.download,
+                             to_inputs=_images)
 
 
 def _register() -> None:

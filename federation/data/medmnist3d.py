@@ -15,8 +15,7 @@ from types import MappingProxyType
 import numpy as np
 
 from federation.config.schema import DataConfig
-from federation.data.medmnist import MedMNISTInfo, _download, _labels, _load_npz, file_md5
-from federation.data.paths import DATA_DIR_ENV
+from federation.data.medmnist import MedMNISTInfo, read_official_npz
 from federation.data.registry import DatasetInfo, DatasetSplits, register_dataset
 
 logger = logging.getLogger(__name__)
@@ -55,47 +54,11 @@ def load_medmnist3d(*, config: DataConfig, data_dir: Path, seed: int) -> Dataset
         The official train/val/test splits as float32 ``(N, 1, 28, 28, 28)`` volumes.
 
     Raises:
-        FileNotFoundError: The file is missing and ``data.download`` is false.
-        ValueError: The file's MD5 or content is not the official one.
+        FileNotFoundError, ImportError, ValueError: See :func:`~federation.data.medmnist.read_official_npz`.
     """
     del seed
-    info = MEDMNIST3D_INFO[config.dataset]
-    path = data_dir / f"{info.flag}.npz"
-    if not path.is_file():
-        if not config.download:
-            raise FileNotFoundError(
-                f"MedMNIST file for data.dataset={info.flag!r} not found: looked for {path}. Put the official "
-                f"{info.flag}.npz there, point data.data_dir (or ${DATA_DIR_ENV}) at its folder, or set "
-                "data.download=true to fetch it with the medmnist package."
-            )
-        _download(info, data_dir)
-    found = file_md5(path)
-    if found != info.md5:
-        raise ValueError(
-            f"MD5 mismatch for {path}: expected {info.md5} (official {info.flag}.npz), found {found}; "
-            "delete it and fetch it again (data.download=true)."
-        )
-    arrays = _load_npz(path, info)
-    splits = {
-        name: (
-            _volumes(arrays[f"{name}_images"], info, path, f"{name}_images"),
-            _labels(arrays[f"{name}_labels"], info, path, f"{name}_labels"),
-        )
-        for name in ("train", "val", "test")
-    }
-    return DatasetSplits(
-        name=info.flag,
-        train_images=splits["train"][0],
-        train_labels=splits["train"][1],
-        test_images=splits["test"][0],
-        test_labels=splits["test"][1],
-        num_classes=len(info.label_names),
-        in_channels=info.in_channels,
-        md5=found,
-        label_names=info.label_names,
-        val_images=splits["val"][0],
-        val_labels=splits["val"][1],
-    )
+    return read_official_npz(info=MEDMNIST3D_INFO[config.dataset], data_dir=data_dir, download=config.download,
+                             to_inputs=_volumes)
 
 
 def _register() -> None:
