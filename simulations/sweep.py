@@ -240,10 +240,11 @@ def run_sweep(
     notify = on_run or (lambda run, status: None)
     for run in expand(spec):
         run_path = root / "runs" / run.run_id
-        if (run_path / SUMMARY_FILE).is_file() and failure_reason(run_path) is not None:
+        earlier = failure_reason(run_path)
+        if earlier is not None:
             aside = _move_aside(run_path)
             logger.warning("sweep run %s had failed (%s); moved to %s and running it again",
-                           run.run_id, failure_reason(aside), aside.name)
+                           run.run_id, earlier, aside.name)
         if (run_path / SUMMARY_FILE).is_file():
             notify(run, "skipped")
         else:

@@ -20,9 +20,9 @@ import logging
 import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Message, MetricRecord
 
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import ReplyTransform
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +62,9 @@ def align_metric_keys(replies: Iterable[Message]) -> list[Message]:
     return replies
 
 
-class AlignedMetricKeys(StrategyWrapper):
+class AlignedMetricKeys(ReplyTransform):
     """Align metric keys across replies (see the module docstring), then delegate."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Align, then delegate to ``inner.aggregate_train``."""
-        return super().aggregate_train(server_round, align_metric_keys(replies))
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Align, then delegate to ``inner.aggregate_evaluate``."""
-        return super().aggregate_evaluate(server_round, align_metric_keys(replies))
+    def transform(self, replies: Iterable[Message]) -> list[Message]:
+        """The replies with :func:`align_metric_keys` applied."""
+        return align_metric_keys(replies)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message
 
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import ReplyTransform
 
 
 def reply_order_key(message: Message) -> tuple[int, str]:
@@ -30,15 +30,9 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=reply_order_key)
 
 
-class OrderedReplies(StrategyWrapper):
+class OrderedReplies(ReplyTransform):
     """Hand the inner strategy its replies sorted by site name (see the module docstring)."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sort, then delegate to ``inner.aggregate_train``."""
-        return super().aggregate_train(server_round, ordered(replies))
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sort, then delegate to ``inner.aggregate_evaluate``."""
-        return super().aggregate_evaluate(server_round, ordered(replies))
+    def transform(self, replies: Iterable[Message]) -> list[Message]:
+        """The replies in :func:`reply_order_key` order."""
+        return ordered(replies)

@@ -67,6 +67,27 @@ class StrategyWrapper(Strategy):
         self.inner.summary()
 
 
+class ReplyTransform(StrategyWrapper):
+    """A wrapper that only rewrites the replies before the inner strategy aggregates them.
+
+    Subclasses implement :meth:`transform`; it runs for training and evaluation replies alike.
+    """
+
+    def transform(self, replies: Iterable[Message]) -> list[Message]:
+        """Return the replies the inner strategy should see."""
+        raise NotImplementedError
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Transform, then delegate to ``inner.aggregate_train``."""
+        return super().aggregate_train(server_round, self.transform(replies))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Transform, then delegate to ``inner.aggregate_evaluate``."""
+        return super().aggregate_evaluate(server_round, self.transform(replies))
+
+
 def unwrap(strategy: Strategy) -> Strategy:
     """Return the innermost strategy of a wrapping chain.
 
