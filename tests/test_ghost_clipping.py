@@ -98,15 +98,10 @@ def _conv_case(case: tuple) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return layer, x, grad_out
 
 
-@pytest.mark.parametrize("method", ["ghost", "materialize", "materialize-unfold", "auto"])
+@pytest.mark.parametrize("method", ["ghost", "unfold", "kernel", "auto"])
 @pytest.mark.parametrize("name", list(CONVS))
-def test_conv_norms_equal_opacus_per_sample_gradient_norms(
-    name: str, method: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_conv_norms_equal_opacus_per_sample_gradient_norms(name: str, method: str) -> None:
     layer, x, grad_out = _conv_case(CONVS[name])
-    if method == "materialize-unfold":  # the unfold + bmm path used above 64 output channels
-        monkeypatch.setattr(norms_module, "VMAP_MAX_OUT_CHANNELS", 0)
-        method = "materialize"
     expected = _opacus_per_sample(layer, x, grad_out)
     assert all(torch.allclose(e, a, rtol=RTOL, atol=1e-12)
                for e, a in zip(expected, _autograd_per_sample(layer, x, grad_out)))
@@ -117,7 +112,7 @@ def test_conv_norms_equal_opacus_per_sample_gradient_norms(
         torch.testing.assert_close(got[param], _norm(samples), rtol=RTOL, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["ghost", "materialize", "auto"])
+@pytest.mark.parametrize("method", ["ghost", "unfold", "kernel", "auto"])
 @pytest.mark.parametrize("name", list(ODD_PADDING))
 def test_conv_norms_honour_padding_modes(name: str, method: str) -> None:
     """reflect/circular/replicate and asymmetric 'same' padding (Opacus 1.6's hooks mode pads with zeros here)."""
@@ -170,7 +165,7 @@ def test_norm_samplers_are_registered_with_opacus_and_stock_ones_can_be_restored
 
 # ------------------------------------------------------------------ whole models
 def _ghost_path_net() -> nn.Module:
-    """Covers every book-keeping branch: materialized convs (vmap and unfold), ghost-normed convs
+    """Covers every book-keeping branch: materialized convs (kernel and unfold), ghost-normed convs
     with and without bias, group and instance norm, a linear head."""
     return nn.Sequential(
         nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(),

@@ -18,8 +18,9 @@ and every item type.
 
 ``grad_sample_mode="ghost"`` bypasses PrivacyEngine's model wrapping: the model is
 wrapped in :class:`~federation.privacy.fast_clipping.GhostClippingModule` (mixed
-ghost norms, clipped gradient in one backward pass) with Opacus'
-``DPOptimizerFastGradientClipping``; its backward pass is :func:`clipped_backward`.
+ghost norms, clipped gradient in one backward pass) with
+:class:`~federation.privacy.fast_clipping.GhostDPOptimizer` (Opacus'
+``DPOptimizerFastGradientClipping``); its backward pass is :func:`clipped_backward`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode
+from federation.privacy.fast_clipping import GhostClippingModule, GhostDPOptimizer, select_grad_sample_mode
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +132,11 @@ def make_private(
 def _make_ghost(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
     seed: int | None,
-) -> tuple[GhostClippingModule, DPOptimizerFastGradientClipping]:
+) -> tuple[GhostClippingModule, GhostDPOptimizer]:
     """Wrap for medfed's ghost clipping: what PrivacyEngine does for Opacus' "ghost", minus the loss wrapper."""
     ModuleValidator.validate(model, strict=True)
     dp_model = GhostClippingModule(model, max_grad_norm=max_grad_norm)
-    dp_optimizer = DPOptimizerFastGradientClipping(
+    dp_optimizer = GhostDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

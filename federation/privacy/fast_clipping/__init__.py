@@ -5,6 +5,8 @@
   InstanceNorm, registered with Opacus' norm-sampler registry on import.
 * :mod:`~federation.privacy.fast_clipping.bookkeeping`: :class:`GhostClippingModule`,
   which turns those norms into the clipped gradient sum with one backward pass.
+* :mod:`~federation.privacy.fast_clipping.optimizer`: :class:`GhostDPOptimizer`,
+  Opacus' fast-gradient-clipping optimizer without its per-step deep copies.
 * :func:`select_grad_sample_mode`: what ``privacy.grad_sample_mode="auto"`` picks.
 
 Example::
@@ -33,6 +35,7 @@ from federation.privacy.fast_clipping.norms import (
     uncovered_layers,
     unfold_conv_input,
 )
+from federation.privacy.fast_clipping.optimizer import GhostDPOptimizer
 
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "ew", "functorch")
 """Values of ``privacy.grad_sample_mode``."""
@@ -83,6 +86,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "MEDFED_NORM_SAMPLERS",
     "GhostClippingModule",
+    "GhostDPOptimizer",
     "clipped_sum",
     "conv_norm_sample",
     "covered_types",

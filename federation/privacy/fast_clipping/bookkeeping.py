@@ -147,6 +147,7 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
         self._kept_grads: list[dict[nn.Parameter, Tensor]] = []
         self._kept_io: list[tuple[nn.Module, list[Tensor], Tensor]] = []
         self._pass_open = False
+        self._backprop_scale = 1.0
         self.last_clipping_coef: Tensor | None = None
         """The ``(B,)`` clipping factors of the last backward pass (not private: debugging only)."""
         # Per-instance norm samplers (Opacus looks them up through self.NORM_SAMPLERS):
@@ -194,12 +195,22 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
         if not self._pass_open:  # first hook of this backward pass: finish the pass when autograd is done
             self._pass_open = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
+        # Opacus multiplies every layer's output gradient by the batch size under a mean loss
+        # (a full pass over each feature map); per-sample gradients are linear in it, so the
+        # factor is applied to the (B,) norms and clipping factors instead.
         activations, backprops = super().rearrange_grad_samples(
-            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
+            module=module, backprops=backprops, loss_reduction="sum", batch_first=batch_first
         )
+        self._backprop_scale = float(module.max_batch_len) if loss_reduction == "mean" else 1.0
         if type(module) not in self.NORM_SAMPLERS:  # no norm sampler: Opacus materializes
             self._kept_io.append((module, activations, backprops))
         return activations, backprops
+
+    def get_norm_sample(self) -> Tensor:
+        """Per-sample gradient norms of the whole model (of the loss as reduced, see :meth:`rearrange_grad_samples`)."""
+        norms = super().get_norm_sample() * self._backprop_scale
+        self.per_sample_gradient_norms = norms
+        return norms
 
     def _reset_hook_state(self) -> None:
         """Forget captured activations and forward counts of a batch whose backward did not reach every layer."""
@@ -231,8 +242,9 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
                     "back-propagating to the input); use privacy.grad_sample_mode='hooks' for this model"
                 )
             coef = self.get_clipping_coef()
-            sums = [_weighted(coef, kept) for kept in self._kept_grads]
-            sums += [clipped_sum(module, activations, backprops, coef, grad_samplers=self.GRAD_SAMPLERS)
+            weights = coef * self._backprop_scale  # the kept gradients are of the unscaled output gradients
+            sums = [_weighted(weights, kept) for kept in self._kept_grads]
+            sums += [clipped_sum(module, activations, backprops, weights, grad_samplers=self.GRAD_SAMPLERS)
                      for module, activations, backprops in self._kept_io]
             clipped: dict[nn.Parameter, Tensor] = {}
             for grads in sums:

@@ -18,9 +18,10 @@ gradient is ``G_i = g_i^T a_i`` (``p x d``). Its squared Frobenius norm is eithe
 
 * **ghost**: ``sum_{t,t'} (a_t . a_t') (g_t . g_t')`` - two ``T x T`` Gram matrices,
   ``O(T^2 (d + p))`` work and ``T^2`` memory per sample, never forming ``G_i``; or
-* **materialize**: form ``G_i`` (batched matmul of unfolded patches in cache-sized
-  chunks, or for few output channels the weight-gradient kernel vmapped over the
-  batch), ``O(T d p)`` work and ``d p`` memory per sample, then take its norm.
+* **materialize**: form ``G_i``, ``O(T d p)`` work and ``d p`` memory per sample,
+  then take its norm; either as a batched matmul of unfolded patches in
+  cache-sized chunks (``"unfold"``) or with the weight-gradient kernel itself,
+  the batch folded into convolution groups (``"kernel"``).
 
 "Mixed" ghost clipping picks, per layer and per call, the cheaper of the two:
 ghost when ``T (d + p) < d p``. At 28 px this materializes the large early
@@ -50,8 +51,10 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-ConvMethod = Literal["auto", "ghost", "materialize"]
+ConvMethod = Literal["auto", "ghost", "unfold", "kernel"]
 """How :func:`conv_norm_sample` gets a convolution's per-sample weight-gradient norms."""
+
+CONV_METHODS: tuple[str, ...] = ("auto", "ghost", "unfold", "kernel")
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -63,10 +66,15 @@ Unfolded patches of a whole batch are large (ResNet-18 layer1, 64 samples: 115 M
 chunks of ~8 MB stay in cache and make the norm about 1.7x faster on CPU.
 """
 
-VMAP_MAX_OUT_CHANNELS = 64
-"""Materialized per-sample conv gradients use the vmapped weight-gradient kernel up to this many
-output channels and unfold + batched matmul above (the faster of the two on CPU, measured at 28 px:
-16 channels 6.7 vs 15.3 ms, 64 channels 92 vs 119 ms, 128 channels 164 vs 85 ms, batch 64, 1 thread)."""
+KERNEL_MAX_OUT_CHANNELS = 64
+"""Materialized per-sample conv gradients use the weight-gradient kernel (batch folded into groups) up
+to this many output channels and unfold + batched matmul above (the faster of the two on CPU, measured
+at 28 px, batch 64, 1 thread: 16 channels 6.7 vs 15.3 ms, 64 channels 92 vs 119 ms, 128 channels 164 vs
+85 ms)."""
+
+UNFOLD_MAX_FAN_IN = 16
+"""...but unfold + batched matmul for layers whose patches are this small (``C_in / groups * prod(kernel)``,
+e.g. a first layer on 1-channel images: 0.8 vs 1.6 ms at 28 px, 16 channels, batch 64, 2 threads)."""
 
 _STOCK_NORM_SAMPLERS = dict(GradSampleHooksFastGradientClipping.NORM_SAMPLERS)
 """Opacus' own norm samplers (Linear, Embedding), captured before ours are registered."""
@@ -129,9 +137,18 @@ def unfold_conv_input(layer: nn.Module, x: Tensor) -> Tensor:
     return x.permute(order).reshape(batch, channels * math.prod(kernel), math.prod(outputs))
 
 
-def ghost_is_cheaper(*, positions: int, fan_in: int, fan_out: int) -> bool:
-    """Whether the ghost norm (``T^2 (d + p)``) costs less than materializing (``T d p``)."""
-    return positions * (fan_in + fan_out) < fan_in * fan_out
+def ghost_is_cheaper(*, positions: int, fan_in: int, fan_out: int, book_keeping: bool = False) -> bool:
+    """Whether the ghost norm costs less than materializing the per-sample gradients.
+
+    For the norm alone, ghost (``T^2 (d + p)``) against materializing (``T d p``).
+    With ``book_keeping`` (the clipped sum is formed from what the norm pass kept)
+    ghost also pays one weight-gradient kernel (``T d p``) for the clipped sum,
+    while materialized gradients only need a weighted sum; ghost then wins only at
+    half the cost: ``2 T (d + p) < d p`` (measured on the default CNN's 64-channel
+    7 x 7 layers, ghost norm plus kernel 6.5 ms against 5.5 ms materialized).
+    """
+    factor = 2 if book_keeping else 1
+    return factor * positions * (fan_in + fan_out) < fan_in * fan_out
 
 
 def _sq_norms_ghost(a: Tensor, g: Tensor) -> Tensor:
@@ -141,25 +158,32 @@ def _sq_norms_ghost(a: Tensor, g: Tensor) -> Tensor:
     return (gram_a * gram_g).sum(dim=(1, 2))
 
 
-def _vmap_conv_grads(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """Per-sample weight gradients ``(B, *weight.shape)``: the weight-gradient kernel vmapped over the batch.
+def _kernel_conv_grads(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` from one weight-gradient convolution.
 
-    ``torch.func.vmap`` turns it into one grouped weight-gradient convolution (batch
-    folded into groups), which on CPU beats unfold + batched matmul for layers with
-    few output channels (see :data:`VMAP_MAX_OUT_CHANNELS`).
+    The batch is folded into the channels and the groups (input ``(1, B C_in, *S)``,
+    ``B * groups`` groups), so the layer's own weight-gradient kernel returns every
+    sample's gradient at once; on CPU this beats unfold + batched matmul for layers
+    with few output channels (see :data:`KERNEL_MAX_OUT_CHANNELS`).
     """
     x, padding = conv_padding(layer, x)
-    spatial = x.dim() - 2
-    g = g.reshape(*g.shape[:2], *_output_size(layer, x, padding))
-    weight = layer.weight.to(g.dtype)
+    batch, spatial = x.shape[0], x.dim() - 2
+    g = g.reshape(1, batch * layer.out_channels, *_output_size(layer, x, padding))
+    # The weight-gradient kernel reads the weight's shape, never its values: an uninitialized
+    # tensor of the batched shape saves copying the weight B times.
+    weight = layer.weight.new_empty((batch * layer.out_channels, *layer.weight.shape[1:]), dtype=g.dtype)
+    grads = torch.ops.aten.convolution_backward(
+        g, x.reshape(1, -1, *x.shape[2:]), weight, None, list(layer.stride), padding,
+        list(layer.dilation), False, [0] * spatial, batch * layer.groups, [False, True, False],
+    )[1]
+    return grads.reshape(batch, *layer.weight.shape)
 
-    def one(xi: Tensor, gi: Tensor) -> Tensor:
-        return torch.ops.aten.convolution_backward(
-            gi.unsqueeze(0), xi.unsqueeze(0), weight, None, list(layer.stride), padding,
-            list(layer.dilation), False, [0] * spatial, layer.groups, [False, True, False],
-        )[1]
 
-    return torch.func.vmap(one)(x, g)
+def materialize_method(*, fan_in: int, out_channels: int) -> Literal["unfold", "kernel"]:
+    """How to form per-sample conv gradients: ``"kernel"`` or ``"unfold"`` (see the two thresholds)."""
+    if fan_in <= UNFOLD_MAX_FAN_IN or out_channels > KERNEL_MAX_OUT_CHANNELS:
+        return "unfold"
+    return "kernel"
 
 
 def _output_size(layer: nn.Module, x: Tensor, padding: list[int]) -> list[int]:
@@ -179,9 +203,11 @@ def conv_weight_norms(
         layer: ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` whose weight requires grad.
         x: The layer input ``(B, C_in, *S)``.
         g: The gradient w.r.t. the layer output, ``(B, C_out, T)``.
-        method: ``"ghost"``, ``"materialize"`` or ``"auto"`` (see :func:`ghost_is_cheaper`).
+        method: ``"ghost"``, ``"unfold"``, ``"kernel"`` or ``"auto"`` (ghost when
+            :func:`ghost_is_cheaper`, else :func:`materialize_method`).
         keep: Return the per-sample weight gradients ``(B, *weight.shape)`` when the
-            materializing path formed them (``None`` on the ghost path).
+            materializing path formed them (``None`` on the ghost path), for
+            book-keeping; ``"auto"`` then materializes more often.
 
     Returns:
         ``((B,) norms, per-sample gradients or None)``.
@@ -192,13 +218,14 @@ def conv_weight_norms(
     positions = g.shape[-1]
     fan_in = layer.weight[0].numel()
     fan_out = layer.out_channels // groups
-    ghost = method == "ghost" or (
-        method == "auto" and ghost_is_cheaper(positions=positions, fan_in=fan_in, fan_out=fan_out)
-    )
-    if not ghost and fan_out * groups <= VMAP_MAX_OUT_CHANNELS:
-        grads_v = _vmap_conv_grads(layer, x, g)
-        norms = torch.linalg.vector_norm(grads_v.reshape(batch, -1), dim=1)
-        return norms, (grads_v if keep else None)
+    if method == "auto":
+        ghost = ghost_is_cheaper(positions=positions, fan_in=fan_in, fan_out=fan_out, book_keeping=keep)
+        method = "ghost" if ghost else materialize_method(fan_in=fan_in, out_channels=layer.out_channels)
+    if method == "kernel":
+        grads_k = _kernel_conv_grads(layer, x, g)
+        norms = torch.linalg.vector_norm(grads_k.reshape(batch, -1), dim=1)
+        return norms, (grads_k if keep else None)
+    ghost = method == "ghost"
     per_sample = groups * max(fan_in * positions, positions * positions if ghost else fan_in * fan_out)
     chunk = max(1, CHUNK_ELEMENTS // per_sample)
     squares, grads = [], []
@@ -229,8 +256,8 @@ def conv_norm_sample(
         layer: ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
         activations: ``[input]`` of the layer, as captured by Opacus' forward hook.
         backprops: Gradient of the (batch-size-scaled) loss w.r.t. the layer output.
-        method: ``"ghost"``, ``"materialize"`` or ``"auto"`` (the cheaper one, see
-            :func:`ghost_is_cheaper`).
+        method: ``"ghost"``, ``"unfold"``, ``"kernel"`` or ``"auto"`` (see
+            :func:`conv_weight_norms`).
 
     Returns:
         ``{parameter: (B,) norms}`` for the weight and bias that require gradients.
@@ -238,8 +265,8 @@ def conv_norm_sample(
     Raises:
         ValueError: On an unknown ``method``.
     """
-    if method not in ("auto", "ghost", "materialize"):
-        raise ValueError(f"unknown conv norm method {method!r}; expected auto, ghost or materialize")
+    if method not in CONV_METHODS:
+        raise ValueError(f"unknown conv norm method {method!r}; expected one of {', '.join(CONV_METHODS)}")
     x = activations[0].to(backprops.dtype)
     g = backprops.reshape(x.shape[0], layer.out_channels, -1)
     result: dict[nn.Parameter, Tensor] = {}
