@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -151,5 +154,38 @@ def keys_command() -> None:
         console.print(key)
 
 
+def main() -> None:
+    """The ``medfed`` console script: run the command, then exit without tearing Python down.
+
+    With torch, MONAI, Opacus and Ray loaded, the interpreter's own finalization
+    (freeing every module) takes 2-3 s after a command has finished and written
+    everything (docs/BENCHMARKS.md, P1). Exit handlers still run (Ray's shutdown,
+    temporary directories, logging), output is flushed, and the process ends with
+    the command's exit status.
+    """
+    try:
+        app()
+        status = 0
+    except SystemExit as done:
+        status = _exit_status(done.code)
+    except BaseException:  # noqa: BLE001 - report like Python would, then exit 1
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()  # noqa: SLF001 - the handlers normal interpreter exit would run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The process exit status for ``SystemExit(code)`` (None: 0; a message: printed, 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

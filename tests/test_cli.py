@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from federation.config import valid_keys
-from simulations.cli import app
+from simulations.cli import _exit_status, app
+
+REPO = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -34,3 +40,25 @@ def test_presets_and_keys() -> None:
     assert "pneumonia_dirichlet_dp" in presets.output and "medfed simulate --config" in presets.output
     keys = runner.invoke(app, ["keys"]).output.split()
     assert keys == valid_keys()
+
+
+def _console_script(*args: str) -> subprocess.CompletedProcess:
+    """Run ``medfed`` through its console-script entry point, with an exit handler registered first."""
+    code = ("import atexit, sys; atexit.register(lambda: print('exit handler ran')); "
+            "from simulations.cli import main; sys.argv[0] = 'medfed'; main()")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def test_console_script_keeps_exit_status_output_and_exit_handlers() -> None:
+    ok = _console_script("validate", "--set", "server.rounds=3")
+    assert ok.returncode == 0, ok.stderr
+    assert "rounds: 3" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    bad = _console_script("validate", "--set", "train.lrr=1")
+    assert bad.returncode == 2
+    assert "train.lrr: unknown key" in bad.stdout + bad.stderr and "exit handler ran" in bad.stdout
+
+
+def test_exit_status_of_system_exit_codes(capsys) -> None:
+    assert [_exit_status(None), _exit_status(0), _exit_status(3)] == [0, 0, 3]
+    assert _exit_status("no such file") == 1 and "no such file" in capsys.readouterr().err
