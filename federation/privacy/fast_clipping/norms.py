@@ -24,7 +24,8 @@ gradient is ``G_i = g_i^T a_i`` (``p x d``). Its squared Frobenius norm is eithe
   the batch folded into convolution groups (``"kernel"``).
 
 "Mixed" ghost clipping picks, per layer and per call, the cheaper of the two:
-ghost when ``T (d + p) < d p``. At 28 px this materializes the large early
+ghost when ``T (d + p) < d p`` (``2 T (d + p) < d p`` when the per-sample
+gradients are kept for the clipped sum, see :func:`ghost_is_cheaper`). At 28 px this materializes the large early
 feature maps (ResNet-18 layer1: ``T = 784``) and uses ghost norms for the deep,
 wide layers (layer4: ``T = 16``, ``d p = 4608 * 512``), where per-sample gradients
 would cost ``B * 9.4 MB``. The bias gradient is ``sum_t g_t`` and is always formed.
@@ -69,8 +70,8 @@ chunks of ~8 MB stay in cache and make the norm about 1.7x faster on CPU.
 KERNEL_MAX_OUT_CHANNELS = 64
 """Materialized per-sample conv gradients use the weight-gradient kernel (batch folded into groups) up
 to this many output channels and unfold + batched matmul above (the faster of the two on CPU, measured
-at 28 px, batch 64, 1 thread: 16 channels 6.7 vs 15.3 ms, 64 channels 92 vs 119 ms, 128 channels 164 vs
-85 ms)."""
+at 28 px, batch 64, 1 thread, with the same grouped kernel reached through vmap: 16 channels 6.7 vs
+15.3 ms, 64 channels 92 vs 119 ms, 128 channels 164 vs 85 ms)."""
 
 UNFOLD_MAX_FAN_IN = 16
 """...but unfold + batched matmul for layers whose patches are this small (``C_in / groups * prod(kernel)``,
