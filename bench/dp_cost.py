@@ -24,6 +24,10 @@ Modes:
   for convolutions, clipped sum in one backward pass), through ``make_private``;
 * the baseline ``non-dp``: the same model and optimizer without Opacus.
 
+On CPU the process first raises glibc's malloc thresholds, as a site's training
+does (:func:`federation.training.device.tune_cpu_allocator`); ``--stock-malloc``
+measures without that.
+
 Repeats interleave the modes (non-DP, then each DP mode, again and again), and
 each ratio pairs a DP step with the non-DP step of the same round, so both saw the
 same load from other users of a shared machine. Both wall-clock time and process
@@ -209,11 +213,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--image-size", type=int, default=0, help="image side for every model (0 = 28, densenet 32)")
+    parser.add_argument("--stock-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone (site training raises them: tune_cpu_allocator)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     args = parser.parse_args()
 
     import torch
 
+    from federation.training.device import tune_cpu_allocator
+
+    allocator_tuned = args.device == "cpu" and not args.stock_malloc and tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
@@ -221,7 +230,8 @@ def main() -> None:
     unknown = [m for m in models if m not in MODELS] + [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown model/mode {unknown}; models: {', '.join(MODELS)}; modes: {', '.join(MODES)}")
-    info = {**machine(), "torch_threads": torch.get_num_threads(), "device": args.device}
+    info = {**machine(), "torch_threads": torch.get_num_threads(), "device": args.device,
+            "malloc_tuned": allocator_tuned}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     say(f"machine: {info}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+import federation.training.device as device_module
 import federation.training.local as local_module
 from federation.config.schema import PrivacyConfig, TrainConfig
 from federation.privacy import PrivacyBudgetExhausted, SitePrivacy, epsilon_for
@@ -269,6 +273,34 @@ def test_select_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_tune_cpu_allocator_sets_both_glibc_thresholds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(device_module, "_allocator_tuned", None)
+    monkeypatch.setattr(device_module, "_mallopt", lambda parameter, value: calls.append((parameter, value)) or True)
+    assert device_module.tune_cpu_allocator() and device_module.tune_cpu_allocator()
+    assert calls == [(-3, 256 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+def test_tune_cpu_allocator_is_a_no_op_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "_allocator_tuned", None)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert device_module.tune_cpu_allocator() is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds exist in glibc only")
+def test_glibc_accepts_the_thresholds() -> None:
+    assert device_module._mallopt(-3, device_module.MALLOC_MMAP_THRESHOLD)
+    assert device_module._mallopt(-1, device_module.MALLOC_TRIM_THRESHOLD)
+
+
+def test_train_local_on_cpu_tunes_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(local_module, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    train_local(model=_model(), dataset=_dataset(16), config=TrainConfig(batch_size=8, local_epochs=1), privacy=None,
+                seed=0, device=CPU)
+    assert calls == [1]
 
 
 def test_seed_everything_is_reproducible() -> None:

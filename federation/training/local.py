@@ -36,7 +36,7 @@ from federation.privacy import (
     unwrap_model,
     uses_clipped_backward,
 )
-from federation.training.device import seed_everything, select_device, set_threads, use_amp
+from federation.training.device import seed_everything, select_device, set_threads, tune_cpu_allocator, use_amp
 from federation.training.results import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -330,6 +330,8 @@ def train_local(
         privacy.check_round()
     device = device if device is not None else select_device(config.device)
     set_threads(config.num_threads)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     round_seed = seed if privacy is None else _round_seed(seed, privacy.total_steps)
     seed_everything(round_seed)
 
