@@ -37,7 +37,11 @@ from federation.privacy.fast_clipping import (
     stock_norm_samplers,
     uncovered_layers,
 )
-from federation.privacy.fast_clipping.norms import group_norm_norm_sample, instance_norm_norm_sample
+from federation.privacy.fast_clipping.norms import (
+    group_norm_norm_sample,
+    instance_norm_norm_sample,
+    norm_layer_grad_samples,
+)
 from federation.training import train_local
 
 pytestmark = [
@@ -150,6 +154,35 @@ def test_normalization_norms_equal_opacus(layer: nn.Module, sampler, shape: tupl
     got = sampler(layer, [x], grad_out)
     for param, samples in zip(layer.parameters(), expected):
         torch.testing.assert_close(got[param], _norm(samples), rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "frozen_bias"),
+    [
+        (nn.GroupNorm(4, 8), (5, 8, 6, 7), False),
+        (nn.GroupNorm(1, 3), (4, 3, 9), True),  # one group (LayerNorm-like), bias frozen
+        (nn.InstanceNorm3d(2, affine=True), (3, 2, 3, 4, 5), False),
+    ],
+)
+def test_norm_layer_grad_samples_equal_opacus_per_sample_gradients(
+    layer: nn.Module, shape: tuple[int, ...], frozen_bias: bool
+) -> None:
+    torch.manual_seed(1)
+    layer = layer.to(F64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    layer.bias.requires_grad_(not frozen_bias)
+    x = torch.randn(shape, dtype=F64) * 3 + 2  # far from zero mean: no cancellation shortcut hides errors
+    grad_out = torch.randn_like(layer(x))
+    expected = _opacus_per_sample(layer, x, grad_out)
+    got = norm_layer_grad_samples(layer, [x], grad_out)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    assert list(got) == trainable
+    for param, samples in zip(trainable, expected):
+        torch.testing.assert_close(got[param], samples, rtol=RTOL, atol=1e-12)
+    empty = norm_layer_grad_samples(layer, [x[:0]], grad_out[:0])
+    assert all(v.shape == (0, shape[1]) for v in empty.values())
 
 
 def test_norm_samplers_are_registered_with_opacus_and_stock_ones_can_be_restored() -> None:

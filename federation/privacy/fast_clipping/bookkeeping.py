@@ -44,7 +44,13 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.utils.module_utils import trainable_parameters
 from torch import Tensor, nn
 
-from federation.privacy.fast_clipping.norms import CONV_TYPES, NORM_TYPES, conv_padding, conv_weight_norms
+from federation.privacy.fast_clipping.norms import (
+    CONV_TYPES,
+    NORM_TYPES,
+    conv_padding,
+    conv_weight_norms,
+    norm_layer_grad_samples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
             return norms
 
         def per_sample(layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor) -> dict:
-            grad_samples = self.GRAD_SAMPLERS[type(layer)](layer, list(activations), backprops)
+            grad_samples = norm_layer_grad_samples(layer, activations, backprops)
             self._kept_grads.append(grad_samples)
             return _norms(grad_samples)
 
@@ -187,7 +193,7 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
 
         if cls in CONV_TYPES:
             return conv
-        if cls in NORM_TYPES and cls in self.GRAD_SAMPLERS:
+        if cls in NORM_TYPES:
             return per_sample
         return io
 

@@ -31,7 +31,8 @@ wide layers (layer4: ``T = 16``, ``d p = 4608 * 512``), where per-sample gradien
 would cost ``B * 9.4 MB``. The bias gradient is ``sum_t g_t`` and is always formed.
 
 Normalization layers have per-sample gradients of size ``(B, C)``, so their norm
-samplers simply form them (with Opacus' own grad samplers) and take the norm.
+samplers simply form them (with the layer's fused backward kernel, batch folded into
+groups: :func:`norm_layer_grad_samples`) and take the norm.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleHooksFastGradientClipping, register_norm_sampler
-from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
-from opacus.grad_sample.instance_norm import compute_instance_norm_grad_sample
 from opacus.utils.module_utils import trainable_modules
 from torch import Tensor, nn
 
@@ -283,18 +282,61 @@ def _norms_of(grad_samples: dict[nn.Parameter, Tensor]) -> dict[nn.Parameter, Te
     return {p: torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1) for p, gs in grad_samples.items()}
 
 
+def norm_layer_grad_samples(
+    layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradients ``(B, C)`` of a GroupNorm's or affine InstanceNorm's scale and shift.
+
+    The batch is folded into the groups (input ``(1, B C, S)``, ``B G`` groups; an
+    InstanceNorm is a GroupNorm with one channel per group), so the layer's own fused
+    backward kernel, whose scale and shift gradients sum over the batch, returns them
+    per sample: ``sum_s g x_hat`` and ``sum_s g``, without forming ``g x_hat``
+    (Opacus' grad samplers multiply and reduce separately: 1.4x slower on the
+    default CNN's layers).
+
+    Args:
+        layer: ``nn.GroupNorm`` or ``nn.InstanceNorm1d/2d/3d`` (in training, i.e. batch statistics).
+        activations: ``[input]`` of the layer.
+        backprops: Gradient w.r.t. the layer output.
+
+    Returns:
+        ``{parameter: (B, C) per-sample gradients}`` for the parameters that require gradients.
+    """
+    x = activations[0].to(backprops.dtype)
+    batch, channels = x.shape[:2]
+    groups = layer.num_groups if isinstance(layer, nn.GroupNorm) else channels
+    if batch == 0:
+        grad_scale = grad_shift = x.new_zeros(0, channels)
+    else:
+        size = math.prod(x.shape[2:])
+        flat_x, flat_g = x.reshape(1, batch * channels, size), backprops.reshape(1, batch * channels, size)
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            flat_x, None, None, 1, batch * channels, size, batch * groups, layer.eps
+        )
+        _, grad_scale, grad_shift = torch.ops.aten.native_group_norm_backward(
+            flat_g, flat_x, mean, rstd, flat_x.new_ones(batch * channels), 1, batch * channels, size,
+            batch * groups, [False, True, True],
+        )
+    result: dict[nn.Parameter, Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        result[layer.weight] = grad_scale.reshape(batch, channels)
+    if layer.bias is not None and layer.bias.requires_grad:
+        result[layer.bias] = grad_shift.reshape(batch, channels)
+    return result
+
+
 def group_norm_norm_sample(
     layer: nn.GroupNorm, activations: Sequence[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradient norms of a GroupNorm's affine parameters (``(B, C)`` gradients)."""
-    return _norms_of(compute_group_norm_grad_sample(layer, list(activations), backprops))
+    return _norms_of(norm_layer_grad_samples(layer, activations, backprops))
 
 
 def instance_norm_norm_sample(
     layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradient norms of an affine InstanceNorm's parameters (``(B, C)`` gradients)."""
-    return _norms_of(compute_instance_norm_grad_sample(layer, list(activations), backprops))
+    return _norms_of(norm_layer_grad_samples(layer, activations, backprops))
 
 
 def _auto_conv_norm_sample(
