@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
@@ -159,9 +160,9 @@ def main() -> None:
 
     With torch, MONAI, Opacus and Ray loaded, the interpreter's own finalization
     (freeing every module) takes 2-3 s after a command has finished and written
-    everything (docs/BENCHMARKS.md, P1). Exit handlers still run (Ray's shutdown,
-    temporary directories, logging), output is flushed, and the process ends with
-    the command's exit status.
+    everything (docs/BENCHMARKS.md, P1). As at a normal exit, non-daemon threads are
+    waited for and exit handlers run (Ray's shutdown, temporary directories,
+    logging); output is flushed, and the process ends with the command's status.
     """
     try:
         app()
@@ -171,6 +172,9 @@ def main() -> None:
     except BaseException:  # noqa: BLE001 - report like Python would, then exit 1
         traceback.print_exc()
         status = 1
+    for thread in threading.enumerate():  # as at normal exit: wait for non-daemon threads
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers normal interpreter exit would run
     sys.stdout.flush()
     sys.stderr.flush()

@@ -43,17 +43,19 @@ def test_presets_and_keys() -> None:
 
 
 def _console_script(*args: str) -> subprocess.CompletedProcess:
-    """Run ``medfed`` through its console-script entry point, with an exit handler registered first."""
-    code = ("import atexit, sys; atexit.register(lambda: print('exit handler ran')); "
+    """Run ``medfed`` through its console-script entry point, with an exit handler and a late thread."""
+    code = ("import atexit, sys, threading, time; atexit.register(lambda: print('exit handler ran')); "
+            "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start(); "
             "from simulations.cli import main; sys.argv[0] = 'medfed'; main()")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
 
 
-def test_console_script_keeps_exit_status_output_and_exit_handlers() -> None:
+def test_console_script_keeps_exit_status_output_threads_and_exit_handlers() -> None:
     ok = _console_script("validate", "--set", "server.rounds=3")
     assert ok.returncode == 0, ok.stderr
     assert "rounds: 3" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    assert "thread done" in ok.stdout  # non-daemon threads finish first, as at a normal exit
     bad = _console_script("validate", "--set", "train.lrr=1")
     assert bad.returncode == 2
     assert "train.lrr: unknown key" in bad.stdout + bad.stderr and "exit handler ran" in bad.stdout
