@@ -45,8 +45,8 @@ def test_presets_and_keys() -> None:
 def _console_script(*args: str) -> subprocess.CompletedProcess:
     """Run ``medfed`` through its console-script entry point, with an exit handler and a late thread."""
     code = ("import atexit, sys, threading, time; atexit.register(lambda: print('exit handler ran')); "
-            "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start(); "
-            "from simulations.cli import main; sys.argv[0] = 'medfed'; main()")
+            "from simulations.cli import main; sys.argv[0] = 'medfed'; "
+            "threading.Thread(target=lambda: (time.sleep(2), print('thread done', flush=True))).start(); main()")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
 
