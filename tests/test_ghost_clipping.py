@@ -38,9 +38,8 @@ from federation.privacy.fast_clipping import (
     uncovered_layers,
 )
 from federation.privacy.fast_clipping.norms import (
-    group_norm_norm_sample,
-    instance_norm_norm_sample,
     norm_layer_grad_samples,
+    norm_layer_norm_sample,
 )
 from federation.training import train_local
 
@@ -136,10 +135,10 @@ def test_conv_norm_sample_rejects_unknown_method() -> None:
 @pytest.mark.parametrize(
     ("layer", "sampler", "shape"),
     [
-        (nn.GroupNorm(2, 6), group_norm_norm_sample, (4, 6, 5, 5)),
-        (nn.GroupNorm(3, 6), group_norm_norm_sample, (4, 6, 7)),
-        (nn.InstanceNorm2d(5, affine=True), instance_norm_norm_sample, (4, 5, 6, 6)),
-        (nn.InstanceNorm3d(3, affine=True), instance_norm_norm_sample, (4, 3, 4, 4, 4)),
+        (nn.GroupNorm(2, 6), norm_layer_norm_sample, (4, 6, 5, 5)),
+        (nn.GroupNorm(3, 6), norm_layer_norm_sample, (4, 6, 7)),
+        (nn.InstanceNorm2d(5, affine=True), norm_layer_norm_sample, (4, 5, 6, 6)),
+        (nn.InstanceNorm3d(3, affine=True), norm_layer_norm_sample, (4, 3, 4, 4, 4)),
     ],
 )
 def test_normalization_norms_equal_opacus(layer: nn.Module, sampler, shape: tuple[int, ...]) -> None:

@@ -25,10 +25,10 @@ gradient is ``G_i = g_i^T a_i`` (``p x d``). Its squared Frobenius norm is eithe
 
 "Mixed" ghost clipping picks, per layer and per call, the cheaper of the two:
 ghost when ``T (d + p) < d p`` (``2 T (d + p) < d p`` when the per-sample
-gradients are kept for the clipped sum, see :func:`ghost_is_cheaper`). At 28 px this materializes the large early
-feature maps (ResNet-18 layer1: ``T = 784``) and uses ghost norms for the deep,
-wide layers (layer4: ``T = 16``, ``d p = 4608 * 512``), where per-sample gradients
-would cost ``B * 9.4 MB``. The bias gradient is ``sum_t g_t`` and is always formed.
+gradients are kept for the clipped sum, see :func:`ghost_is_cheaper`). At 28 px
+this materializes the large early feature maps (ResNet-18 layer1: ``T = 784``) and
+uses ghost norms for the deep, wide layers (layer4: ``T = 16``,
+``d p = 4608 * 512``), where per-sample gradients would cost ``B * 9.4 MB``. The bias gradient is ``sum_t g_t`` and is always formed.
 
 Normalization layers have per-sample gradients of size ``(B, C)``, so their norm
 samplers simply form them (with the layer's fused backward kernel, batch folded into
@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 ConvMethod = Literal["auto", "ghost", "unfold", "kernel"]
 """How :func:`conv_norm_sample` gets a convolution's per-sample weight-gradient norms."""
 
-CONV_METHODS: tuple[str, ...] = ("auto", "ghost", "unfold", "kernel")
+CONV_METHODS: tuple[str, ...] = get_args(ConvMethod)
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -325,17 +325,10 @@ def norm_layer_grad_samples(
     return result
 
 
-def group_norm_norm_sample(
-    layer: nn.GroupNorm, activations: Sequence[Tensor], backprops: Tensor
-) -> dict[nn.Parameter, Tensor]:
-    """Per-sample gradient norms of a GroupNorm's affine parameters (``(B, C)`` gradients)."""
-    return _norms_of(norm_layer_grad_samples(layer, activations, backprops))
-
-
-def instance_norm_norm_sample(
+def norm_layer_norm_sample(
     layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
-    """Per-sample gradient norms of an affine InstanceNorm's parameters (``(B, C)`` gradients)."""
+    """Per-sample gradient norms of a GroupNorm's or affine InstanceNorm's parameters (an Opacus norm sampler)."""
     return _norms_of(norm_layer_grad_samples(layer, activations, backprops))
 
 
@@ -348,8 +341,7 @@ def _auto_conv_norm_sample(
 
 MEDFED_NORM_SAMPLERS = {
     **{cls: _auto_conv_norm_sample for cls in CONV_TYPES},
-    nn.GroupNorm: group_norm_norm_sample,
-    **{cls: instance_norm_norm_sample for cls in NORM_TYPES[1:]},
+    **{cls: norm_layer_norm_sample for cls in NORM_TYPES},
 }
 """The norm samplers this module adds to Opacus, by layer type."""
 
