@@ -28,7 +28,8 @@ ghost when ``T (d + p) < d p`` (``2 T (d + p) < d p`` when the per-sample
 gradients are kept for the clipped sum, see :func:`ghost_is_cheaper`). At 28 px
 this materializes the large early feature maps (ResNet-18 layer1: ``T = 784``) and
 uses ghost norms for the deep, wide layers (layer4: ``T = 16``,
-``d p = 4608 * 512``), where per-sample gradients would cost ``B * 9.4 MB``. The bias gradient is ``sum_t g_t`` and is always formed.
+``d p = 4608 * 512``), where per-sample gradients would cost ``B * 9.4 MB``. The
+bias gradient is ``sum_t g_t`` and is always formed.
 
 Normalization layers have per-sample gradients of size ``(B, C)``, so their norm
 samplers simply form them (with the layer's fused backward kernel, batch folded into
