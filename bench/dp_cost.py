@@ -92,7 +92,7 @@ def _medfed_step(name: str, mode: str, images, labels) -> Callable[[], None]:
     import torch.nn.functional as F
     from opacus.accountants import RDPAccountant
 
-    from federation.privacy.engine import clipped_backward, make_private, uses_clipped_backward
+    from federation.privacy.engine import clipped_backward, make_private
 
     model = _build(name, images.device)
     batch = images.shape[0]
@@ -101,13 +101,11 @@ def _medfed_step(name: str, mode: str, images, labels) -> Callable[[], None]:
         num_examples=batch, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0,
         grad_sample_mode="ghost" if mode == "medfed-ghost" else mode, seed=0,
     )
-    ghost = uses_clipped_backward(dp_model)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        x = images.detach().requires_grad_(ghost)
-        losses = F.cross_entropy(dp_model(x), labels, reduction="none")
-        clipped_backward(dp_model, losses, inputs=x)
+        losses = F.cross_entropy(dp_model(images), labels, reduction="none")
+        clipped_backward(dp_model, losses)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free per-sample gradients before the next mode runs
 

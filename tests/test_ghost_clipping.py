@@ -16,6 +16,7 @@ from monai.networks.nets import DenseNet
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleHooksFastGradientClipping, GradSampleModule
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import federation.privacy.fast_clipping.norms as norms_module
@@ -258,15 +259,19 @@ def _reference_clipping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
 
 
 @pytest.mark.parametrize(
-    ("name", "through_input"), [(name, True) for name in MODELS] + [("ghost-path-net", False)]
+    ("name", "input_requires_grad"), [(name, False) for name in MODELS] + [("ghost-path-net", True)]
 )
-def test_model_norms_and_clipped_gradient_equal_opacus_hooks(name: str, through_input: bool) -> None:
-    """float64, clip bound = median norm so that half the samples are clipped."""
+def test_model_norms_and_clipped_gradient_equal_opacus_hooks(name: str, input_requires_grad: bool) -> None:
+    """float64, clip bound = median norm so that half the samples are clipped.
+
+    With an input that needs no gradient the norm pass stops at the first layer's
+    output; with one that does (no such layer) it is a full backward: same result.
+    """
     model, x, y = _model_case(name, F64)
     norms, bound, expected = _reference_clipping(model, x, y, max_grad_norm=None)
     ghost = GhostClippingModule(model, max_grad_norm=bound)
-    inputs = x.clone().requires_grad_(through_input)
-    coef = ghost.clipped_backward(F.cross_entropy(ghost(inputs), y, reduction="none"), inputs=inputs)
+    inputs = x.clone().requires_grad_(input_requires_grad)
+    coef = ghost.clipped_backward(F.cross_entropy(ghost(inputs), y, reduction="none"))
     torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=RTOL, atol=1e-12)
     assert 0 < int((coef < 1).sum()) < len(x)
     for param, clipped in zip(model.parameters(), expected):
@@ -275,24 +280,60 @@ def test_model_norms_and_clipped_gradient_equal_opacus_hooks(name: str, through_
     assert not any(hasattr(p, "_norm_sample") or hasattr(p, "grad_sample") for p in model.parameters())
 
 
-def test_parameter_off_the_input_path_is_refused_not_silently_unclipped() -> None:
+class _ConvBackwardLog(TorchDispatchMode):
+    """Records ``(input shape, output_mask)`` of every ``aten.convolution_backward`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[int, ...], list[bool]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls.append((tuple(args[1].shape), list(args[10])))
+        return func(*args, **(kwargs or {}))
+
+
+def test_norm_pass_skips_the_first_layer_backward_and_every_batched_weight_gradient() -> None:
+    """The default CNN: autograd back-propagates input gradients through every conv but the first, nothing else."""
+    model, x, y = _model_case("cnn", torch.float32)
+    conv_inputs: list[tuple[int, ...]] = []
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d):
+            layer.register_forward_hook(lambda _layer, args, _out: conv_inputs.append(tuple(args[0].shape)))
+    ghost = GhostClippingModule(model, max_grad_norm=1.0)
+    losses = F.cross_entropy(ghost(x), y, reduction="none")
+    with _ConvBackwardLog() as log:
+        ghost.clipped_backward(losses)
+    batched = [(shape, mask) for shape, mask in log.calls if shape[0] == len(x)]
+    # One input-gradient call per conv except the first; no batched weight gradient (the
+    # per-sample ones fold the batch into the channels: leading dimension 1).
+    assert len(conv_inputs) == 6 and conv_inputs[0][1] == 1
+    assert sorted(batched) == sorted((shape, [True, False, False]) for shape in conv_inputs[1:])
+    assert all(shape[0] == 1 and mask == [False, True, False] for shape, mask in log.calls if shape[0] != len(x))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_parameter_off_the_input_path_still_gets_its_clipped_gradient() -> None:
+    """A layer fed a constant (its input needs no gradient) is a first layer too: the norm pass stops at its output."""
+
     class WithConstantBranch(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.body = nn.Linear(4, 2)
-            self.offset = nn.Linear(1, 2)  # fed a constant: its gradient never reaches the input
+            self.offset = nn.Linear(1, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x) + self.offset(torch.ones(x.shape[0], 1))
+            return self.body(x) + self.offset(torch.ones(x.shape[0], 1, dtype=x.dtype))
 
-    ghost = GhostClippingModule(WithConstantBranch(), max_grad_norm=1.0)
-    x = torch.randn(3, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"no per-sample norm for \['offset.weight', 'offset.bias'\]"):
-        ghost.clipped_backward(F.cross_entropy(ghost(x), torch.tensor([0, 1, 0]), reduction="none"), inputs=x)
-    # Without the input shortcut the norm pass is a full backward, which reaches every parameter.
-    x = x.detach()
-    ghost.clipped_backward(F.cross_entropy(ghost(x), torch.tensor([0, 1, 0]), reduction="none"))
-    assert all(p.grad is not None for p in ghost.parameters())
+    torch.manual_seed(0)
+    model = WithConstantBranch().to(F64)
+    x, y = torch.randn(4, 4, dtype=F64), torch.tensor([0, 1, 0, 1])
+    norms, bound, expected = _reference_clipping(model, x, y, max_grad_norm=None)
+    ghost = GhostClippingModule(model, max_grad_norm=bound)
+    ghost.clipped_backward(F.cross_entropy(ghost(x), y, reduction="none"))
+    torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=RTOL, atol=1e-12)
+    for param, clipped in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, clipped, rtol=RTOL, atol=1e-12)
 
 
 def test_plain_backward_gives_the_same_clipped_gradient() -> None:
@@ -318,8 +359,7 @@ def _dp_step(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> N
     )
     assert uses_clipped_backward(dp_model) == (mode == "ghost")
     optimizer.zero_grad(set_to_none=True)
-    inputs = x.clone().requires_grad_(mode == "ghost")
-    clipped_backward(dp_model, F.cross_entropy(dp_model(inputs), y, reduction="none"), inputs=inputs)
+    clipped_backward(dp_model, F.cross_entropy(dp_model(x), y, reduction="none"))
     optimizer.step()
     unwrap_model(dp_model)
 

@@ -151,22 +151,19 @@ def uses_clipped_backward(model: nn.Module) -> bool:
     return isinstance(model, GhostClippingModule)
 
 
-def clipped_backward(model: nn.Module, losses: torch.Tensor, *, inputs: torch.Tensor | None = None) -> None:
+def clipped_backward(model: nn.Module, losses: torch.Tensor) -> None:
     """The backward pass of a DP-SGD step for any ``grad_sample_mode``.
 
     For ``ghost`` it leaves the clipped per-sample gradient sum in ``p.grad`` (see
-    :meth:`GhostClippingModule.clipped_backward`; pass the batch ``inputs`` with
-    ``requires_grad=True`` set *before* the forward pass to skip weight gradients
-    in the norm pass); for the other modes it is ``losses.mean().backward()`` and
-    Opacus' optimizer clips.
+    :meth:`GhostClippingModule.clipped_backward`); for the other modes it is
+    ``losses.mean().backward()`` and Opacus' optimizer clips.
 
     Args:
         model: The wrapped model returned by :func:`make_private`.
         losses: ``(B,)`` per-sample losses.
-        inputs: The batch input (used by ``ghost`` only).
     """
     if isinstance(model, GhostClippingModule):
-        model.clipped_backward(losses, inputs=inputs)
+        model.clipped_backward(losses)
     else:
         losses.mean().backward()
 

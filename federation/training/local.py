@@ -166,14 +166,12 @@ def _train_step(
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     ghost = private and uses_clipped_backward(model)
-    if ghost:  # the norm pass back-propagates to the input only, skipping weight gradients
-        images = images.detach().requires_grad_(True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with autocast:
         logits = model(images)
     if ghost:  # per-sample norms, then the clipped gradient sum in p.grad (one backward pass)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        clipped_backward(model, losses, inputs=images)
+        clipped_backward(model, losses)
         loss = losses.detach().mean()
     else:
         loss = F.cross_entropy(logits.float(), labels)

@@ -14,9 +14,8 @@ Example::
     from federation.privacy.fast_clipping import GhostClippingModule
 
     dp_model = GhostClippingModule(model, max_grad_norm=1.0)
-    images.requires_grad_(True)            # lets the norm pass skip weight gradients
     losses = F.cross_entropy(dp_model(images), labels, reduction="none")
-    dp_model.clipped_backward(losses, inputs=images)   # p.grad = clipped sum
+    dp_model.clipped_backward(losses)   # p.grad = clipped sum, one backward pass
 """
 
 from __future__ import annotations
