@@ -41,6 +41,7 @@ from federation.privacy.fast_clipping import (
 from federation.privacy.fast_clipping.norms import (
     norm_layer_grad_samples,
     norm_layer_norm_sample,
+    saved_group_norm_stats,
 )
 from federation.training import train_local
 
@@ -183,6 +184,13 @@ def test_norm_layer_grad_samples_equal_opacus_per_sample_gradients(
         torch.testing.assert_close(got[param], samples, rtol=RTOL, atol=1e-12)
     empty = norm_layer_grad_samples(layer, [x[:0]], grad_out[:0])
     assert all(v.shape == (0, shape[1]) for v in empty.values())
+    # GroupNorm: the same from the statistics its forward saved (InstanceNorm has none to offer).
+    stats = saved_group_norm_stats(layer(x))
+    assert (stats is None) == isinstance(layer, nn.InstanceNorm3d)
+    if stats is not None:
+        from_saved = norm_layer_grad_samples(layer, [x], grad_out, stats=stats)
+        for param, samples in zip(trainable, expected):
+            torch.testing.assert_close(from_saved[param], samples, rtol=RTOL, atol=1e-12)
 
 
 def test_norm_samplers_are_registered_with_opacus_and_stock_ones_can_be_restored() -> None:

@@ -57,6 +57,7 @@ from federation.privacy.fast_clipping.norms import (
     conv_padding,
     conv_weight_norms,
     norm_layer_grad_samples,
+    saved_group_norm_stats,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
         )
         self._frontier: list[Tensor] = []
         """Outputs of this forward pass's layers whose inputs need no gradient (where the norm pass stops)."""
+        self._norm_stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        """GroupNorm forward statistics of this forward pass, by layer (saves recomputing them)."""
         self._kept_grads: list[dict[nn.Parameter, Tensor]] = []
         self._kept_io: list[tuple[nn.Module, list[Tensor], Tensor]] = []
         self._pass_open = False
@@ -192,7 +195,8 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
             return norms
 
         def per_sample(layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor) -> dict:
-            grad_samples = norm_layer_grad_samples(layer, activations, backprops)
+            stats = self._norm_stats.pop(layer, None)
+            grad_samples = norm_layer_grad_samples(layer, activations, backprops, stats=stats)
             self._kept_grads.append(grad_samples)
             return _norms(grad_samples)
 
@@ -237,6 +241,8 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
         self.capture_activations_hook(module, inputs, output)
         out = output if isinstance(output, Tensor) else output[0]
         out.register_hook(partial(on_grad, module))
+        if isinstance(module, nn.GroupNorm) and (stats := saved_group_norm_stats(out)) is not None:
+            self._norm_stats[module] = stats
         if not any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
             self._frontier.append(out)
 
@@ -245,6 +251,7 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
 
     def forward(self, *args, **kwargs):  # noqa: D102
         self._frontier = []
+        self._norm_stats.clear()
         return self._module(*args, **kwargs)
 
     def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):  # noqa: D102

@@ -283,8 +283,22 @@ def _norms_of(grad_samples: dict[nn.Parameter, Tensor]) -> dict[nn.Parameter, Te
     return {p: torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1) for p, gs in grad_samples.items()}
 
 
+def saved_group_norm_stats(output: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The ``(B, G)`` mean and reciprocal standard deviation a GroupNorm's forward saved for its backward.
+
+    Read from the output's autograd node (``NativeGroupNormBackward0``), so that
+    :func:`norm_layer_grad_samples` need not recompute them; ``None`` when the output
+    came from another kernel (InstanceNorm, a custom layer).
+    """
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
+
+
 def norm_layer_grad_samples(
-    layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor
+    layer: nn.Module, activations: Sequence[Tensor], backprops: Tensor, *,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradients ``(B, C)`` of a GroupNorm's or affine InstanceNorm's scale and shift.
 
@@ -299,6 +313,8 @@ def norm_layer_grad_samples(
         layer: ``nn.GroupNorm`` or ``nn.InstanceNorm1d/2d/3d`` (in training, i.e. batch statistics).
         activations: ``[input]`` of the layer.
         backprops: Gradient w.r.t. the layer output.
+        stats: The forward pass's ``(B, G)`` mean and reciprocal standard deviation
+            (:func:`saved_group_norm_stats`); recomputed from the input when ``None``.
 
     Returns:
         ``{parameter: (B, C) per-sample gradients}`` for the parameters that require gradients.
@@ -311,9 +327,12 @@ def norm_layer_grad_samples(
     else:
         size = math.prod(x.shape[2:])
         flat_x, flat_g = x.reshape(1, batch * channels, size), backprops.reshape(1, batch * channels, size)
-        _, mean, rstd = torch.ops.aten.native_group_norm(
-            flat_x, None, None, 1, batch * channels, size, batch * groups, layer.eps
-        )
+        if stats is None:
+            _, mean, rstd = torch.ops.aten.native_group_norm(
+                flat_x, None, None, 1, batch * channels, size, batch * groups, layer.eps
+            )
+        else:
+            mean, rstd = (t.to(x.dtype).reshape(1, batch * groups) for t in stats)
         _, grad_scale, grad_shift = torch.ops.aten.native_group_norm_backward(
             flat_g, flat_x, mean, rstd, flat_x.new_ones(batch * channels), 1, batch * channels, size,
             batch * groups, [False, True, True],
