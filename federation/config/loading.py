@@ -8,6 +8,7 @@ naming the dotted key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -115,11 +116,17 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+@functools.cache
+def _schema_keys() -> tuple[frozenset[str], frozenset[str]]:
+    """The schema's dotted leaf keys and section prefixes (computed once: every site message is validated)."""
+    known = frozenset(valid_keys())
+    return known, frozenset(k.rsplit(".", 1)[0] for k in known if "." in k)
+
+
 def _collect_unknown(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Problems for keys that the schema does not define (all of them, recursively)."""
     problems = []
-    known = set(valid_keys())
-    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    known, sections = _schema_keys()
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and dotted in sections:
