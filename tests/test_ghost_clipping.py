@@ -321,8 +321,12 @@ def test_norm_pass_skips_the_first_layer_backward_and_every_batched_weight_gradi
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_parameter_off_the_input_path_still_gets_its_clipped_gradient() -> None:
-    """A layer fed a constant (its input needs no gradient) is a first layer too: the norm pass stops at its output."""
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_parameter_off_the_input_path_still_gets_its_clipped_gradient(input_requires_grad: bool) -> None:
+    """A layer fed a constant (its input needs no gradient) is a first layer too: the norm pass stops at its output.
+
+    With a batch that requires gradients the pass goes to the batch *and* that output.
+    """
 
     class WithConstantBranch(nn.Module):
         def __init__(self) -> None:
@@ -338,7 +342,8 @@ def test_parameter_off_the_input_path_still_gets_its_clipped_gradient() -> None:
     x, y = torch.randn(4, 4, dtype=F64), torch.tensor([0, 1, 0, 1])
     norms, bound, expected = _reference_clipping(model, x, y, max_grad_norm=None)
     ghost = GhostClippingModule(model, max_grad_norm=bound)
-    ghost.clipped_backward(F.cross_entropy(ghost(x), y, reduction="none"))
+    inputs = x.clone().requires_grad_(input_requires_grad)
+    ghost.clipped_backward(F.cross_entropy(ghost(inputs), y, reduction="none"))
     torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=RTOL, atol=1e-12)
     for param, clipped in zip(model.parameters(), expected):
         torch.testing.assert_close(param.grad, clipped, rtol=RTOL, atol=1e-12)

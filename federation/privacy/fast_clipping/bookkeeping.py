@@ -159,7 +159,8 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
             force_functorch=False, max_grad_norm=max_grad_norm, use_ghost_clipping=True,
         )
         self._frontier: list[Tensor] = []
-        """Outputs of this forward pass's layers whose inputs need no gradient (where the norm pass stops)."""
+        """Where the norm pass stops: outputs of this forward pass's layers whose inputs need no
+        gradient, and leaf inputs that do (a batch with ``requires_grad``)."""
         self._norm_stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         """GroupNorm forward statistics of this forward pass, by layer (saves recomputing them)."""
         self._kept_grads: list[dict[nn.Parameter, Tensor]] = []
@@ -240,11 +241,19 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
             return
         self.capture_activations_hook(module, inputs, output)
         out = output if isinstance(output, Tensor) else output[0]
+        if not out.requires_grad:  # the layer detached its output: nothing to clip through it
+            return
         out.register_hook(partial(on_grad, module))
         if isinstance(module, nn.GroupNorm) and (stats := saved_group_norm_stats(out)) is not None:
             self._norm_stats[module] = stats
-        if not any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        graded = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+        if not graded:
             self._frontier.append(out)
+        # Inputs that are leaves requiring grad (not parameters), e.g. a batch the caller wants
+        # gradients for: the pass must reach them as well, or layers on their path get no norm.
+        for t in graded:
+            if t.grad_fn is None and not isinstance(t, nn.Parameter) and all(t is not f for f in self._frontier):
+                self._frontier.append(t)
 
     def _output_grad_hook(self, module: nn.Module, grad: Tensor, *, loss_reduction: str, batch_first: bool) -> None:
         self.capture_backprops_hook(module, (), (grad,), loss_reduction=loss_reduction, batch_first=batch_first)
@@ -328,8 +337,9 @@ class GhostClippingModule(GradSampleModuleFastGradientClipping):
         """Write ``sum_i min(1, C / ||grad_i||) * grad_i`` into ``p.grad`` of every trainable parameter.
 
         The norm pass back-propagates only to the outputs of the first trainable
-        layers of the last forward pass (those whose inputs need no gradient), so
-        autograd computes no weight gradient and nothing below those layers. A plain
+        layers of the last forward pass (those whose inputs need no gradient) and to
+        leaf inputs that require gradients, so autograd computes no weight gradient
+        and nothing below those layers. A plain
         ``losses.mean().backward()`` gives the same result (the pass is finished by an
         autograd callback), but computes every weight gradient twice.
 
