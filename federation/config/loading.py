@@ -117,16 +117,19 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 @functools.cache
-def _schema_keys() -> tuple[frozenset[str], frozenset[str]]:
-    """The schema's dotted leaf keys and section prefixes (computed once: every site message is validated)."""
-    known = frozenset(valid_keys())
-    return known, frozenset(k.rsplit(".", 1)[0] for k in known if "." in k)
+def _schema_keys() -> tuple[tuple[str, ...], frozenset[str], frozenset[str]]:
+    """The schema's dotted leaf keys (in order and as a set) and section prefixes.
+
+    Computed once: every message a site receives is validated with them.
+    """
+    ordered = tuple(valid_keys())
+    return ordered, frozenset(ordered), frozenset(k.rsplit(".", 1)[0] for k in ordered if "." in k)
 
 
 def _collect_unknown(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Problems for keys that the schema does not define (all of them, recursively)."""
     problems = []
-    known, sections = _schema_keys()
+    _, known, sections = _schema_keys()
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and dotted in sections:
@@ -237,7 +240,7 @@ def from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> Experim
     Every key must be present: a run config that silently fell back to defaults
     (e.g. an app whose ``[tool.flwr.app.config]`` is incomplete) is an error.
     """
-    missing = [key for key in valid_keys() if key not in flat]
+    missing = [key for key in _schema_keys()[0] if key not in flat]
     if missing:
         shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
         raise ConfigError(

@@ -66,8 +66,8 @@ def _log_a_fractional(q: float, sigma: float, orders: np.ndarray) -> np.ndarray 
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
     scale = math.sqrt(2) * sigma
     count = len(orders)
-    sums = [np.full((count, 0), -np.inf)] * 2
-    signs = [np.ones((count, 0))] * 2
+    sums: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # per series: one (orders,) column per chunk
+    signs: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     active = np.arange(count)
     first, size = 0, 64
     while active.size:
@@ -90,16 +90,13 @@ def _log_a_fractional(q: float, sigma: float, orders: np.ndarray) -> np.ndarray 
         sign = np.where(coef > 0, 1.0, -1.0)
         for part, log_s in enumerate((log_s0, log_s1)):
             chunk_sum, chunk_sign = special.logsumexp(np.where(used, log_s, -np.inf), b=sign, axis=1, return_sign=True)
-            column = np.full((count, 1), -np.inf)
-            column[active, 0] = chunk_sum
-            column_sign = np.ones((count, 1))
-            column_sign[active, 0] = chunk_sign
-            sums[part] = np.concatenate([sums[part], column], axis=1)
-            signs[part] = np.concatenate([signs[part], column_sign], axis=1)
+            column, column_sign = np.full(count, -np.inf), np.ones(count)  # orders already done add nothing
+            column[active], column_sign[active] = chunk_sum, chunk_sign
+            sums[part].append(column)
+            signs[part].append(column_sign)
         active = active[~done]
         first, size = first + size, size * 2
-    log_a0 = special.logsumexp(sums[0], b=signs[0], axis=1)
-    log_a1 = special.logsumexp(sums[1], b=signs[1], axis=1)
+    log_a0, log_a1 = (special.logsumexp(np.stack(sums[p], axis=1), b=np.stack(signs[p], axis=1), axis=1) for p in (0, 1))
     return np.logaddexp(log_a0, log_a1)
 
 
@@ -136,6 +133,13 @@ def rdp_curve(sample_rate: float, noise_multiplier: float, orders: Sequence[floa
     return log_a / (order_array - 1)
 
 
+def _exact_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Opacus' epsilon, bit for bit (through the cached one-step curve)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return rdp_epsilon([(sigma, sample_rate, steps)], delta=delta)
+
+
 def _fast_epsilon(sample_rate: float, sigma: float, steps: int, delta: float) -> float | None:
     curve = rdp_curve(sample_rate, sigma)
     if curve is None:
@@ -153,9 +157,7 @@ def _decisive_epsilon(sigma: float, sample_rate: float, steps: int, delta: float
         abs(fast - t) > DECISION_MARGIN * max(1.0, abs(t)) + STEP_MARGIN * steps for t in thresholds
     ):
         return fast
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        return rdp_epsilon([(sigma, sample_rate, steps)], delta=delta)
+    return _exact_epsilon(sigma, sample_rate, steps, delta)
 
 
 def calibrate_noise_rdp(
@@ -203,9 +205,7 @@ def calibrate_noise_rdp(
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        exact = rdp_epsilon([(sigma_high, sample_rate, steps)], delta=delta)
+    exact = _exact_epsilon(sigma_high, sample_rate, steps, delta)
     if exact <= target_epsilon and target_epsilon - exact <= epsilon_tolerance:
         return sigma_high
     logger.warning(  # the margin makes this unreachable in practice; never return an unchecked sigma
