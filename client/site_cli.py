@@ -16,14 +16,8 @@ from rich.table import Table
 from client.audit import AUDIT_FILE, read_audit, render_audit, summarize_audit
 from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from client.policy import PolicyError, load_policy
-from federation.data.dicom import (
-    DEFAULT_KEY_COLUMN,
-    DEFAULT_LABEL_COLUMN,
-    DEMO_SOURCES,
-    check_site,
-    make_demo_site,
-    render_site_report,
-)
+from federation.data.dicom.demo import DEMO_SOURCES
+from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN
 
 site_app = typer.Typer(
     name="site",
@@ -72,6 +66,7 @@ def check_command(
     max_rows: Annotated[int, typer.Option("--max-rows", help="Quarantined files listed one by one.")] = 50,
 ) -> None:
     """Check a site's DICOM files against its labels; exit 1 when nothing usable remains."""
+    from federation.data.dicom import check_site, render_site_report  # noqa: PLC0415 - torch: only when used
     if frames not in ("first", "middle", "all"):
         _fail(f"--frames must be first, middle or all, not {frames!r}")
     names = _split_csv([label_names]) or None
@@ -114,6 +109,7 @@ def make_demo_command(
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
 ) -> None:
     """Write a demo hospital site (DICOM files + labels.csv) from a MedMNIST split."""
+    from federation.data.dicom import make_demo_site  # noqa: PLC0415 - only when used
     try:
         site = make_demo_site(
             source=source, data_dir_of_npz=data_dir, out_dir=out, split=split, count=count, seed=seed,

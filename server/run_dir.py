@@ -26,13 +26,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
 from federation.config import ExperimentConfig, to_yaml
+
+if TYPE_CHECKING:  # torch loads when a checkpoint is written or read, not for reading records
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,8 @@ class RunDirectory:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         os.close(fd)
+        import torch  # noqa: PLC0415
+
         torch.save(
             {"round": checkpoint.round, "weights": checkpoint.weights, "strategy_state": checkpoint.strategy_state},
             tmp,
@@ -190,6 +194,8 @@ class RunDirectory:
         if not found:
             return None
         path = found[-1] if round_number is None else self.path / CHECKPOINT_DIR / f"round-{round_number:04d}.pt"
+        import torch  # noqa: PLC0415
+
         data = torch.load(path, map_location="cpu", weights_only=False)
         return Checkpoint(round=int(data["round"]), weights=data["weights"], strategy_state=data["strategy_state"])
 

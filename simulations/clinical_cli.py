@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from federation.inference import (
-    InputImage,
-    Preprocessing,
-    load_exported,
-    load_inputs,
-    load_run_model,
-    predict_inputs,
-    write_predictions_csv,
-)
-from federation.inference.predict import Prediction, explain_inputs
+if TYPE_CHECKING:  # torch and MONAI are imported by the commands that use them, not by `medfed --help`
+    from federation.inference import InputImage
+    from federation.inference.predict import Prediction
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -39,6 +32,8 @@ def _fail(message: str) -> None:
 
 
 def _load(model: Path, inputs: Path, npz_split: str, limit: int) -> tuple[object, dict, list[InputImage]]:
+    from federation.inference import Preprocessing, load_exported, load_inputs  # noqa: PLC0415
+
     try:
         module, meta = load_exported(model)
         items = load_inputs(inputs, Preprocessing.from_dict(meta["preprocessing"]), npz_split=npz_split)
@@ -72,6 +67,9 @@ def predict_command(
     limit: LimitOpt = 0,
 ) -> None:
     """Run a run's exported model on images, preprocessed exactly as in training."""
+    from federation.inference import load_run_model, predict_inputs, write_predictions_csv  # noqa: PLC0415
+    from federation.inference.predict import explain_inputs  # noqa: PLC0415
+
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
     overlays = None
@@ -99,6 +97,9 @@ def explain_command(
     limit: LimitOpt = 0,
 ) -> None:
     """Write Grad-CAM overlays (MONAI GradCAM) with the predicted probability on each image."""
+    from federation.inference import load_run_model, predict_inputs, write_predictions_csv  # noqa: PLC0415
+    from federation.inference.predict import explain_inputs  # noqa: PLC0415
+
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
     try:

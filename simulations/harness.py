@@ -12,7 +12,6 @@ from federation.config import ConfigError, ExperimentConfig, load_config
 from federation.data import resolve_data_dir
 from server.run_dir import CONFIG_FILE, ROUNDS_FILE, default_run_name, read_jsonl
 from simulations.engine import run_engine
-from simulations.scenario import scenario_problems
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ def resolve_config(
         return config.model_copy(update={"server": server})
     source = preset_path(config_path or DEFAULT_PRESET)
     config = load_config(source, overrides)
+    from simulations.scenario import scenario_problems  # noqa: PLC0415 - registries (torch): not for `medfed --help`
+
     problems = scenario_problems(config)  # faults/attack/quantity/shift settings that span sections
     if problems:
         raise ConfigError(problems, source=f"{source}{' with --set overrides' if overrides else ''}")

@@ -64,3 +64,34 @@ def test_console_script_keeps_exit_status_output_threads_and_exit_handlers() -> 
 def test_exit_status_of_system_exit_codes(capsys) -> None:
     assert [_exit_status(None), _exit_status(0), _exit_status(3)] == [0, 0, 3]
     assert _exit_status("no such file") == 1 and "no such file" in capsys.readouterr().err
+
+
+#: Libraries only training, inference, plots or the simulation engine need.
+HEAVY = ("torch", "monai", "opacus", "ray", "matplotlib", "scipy", "sklearn")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """Which of :data:`HEAVY` a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return [name for name in done.stdout.strip().split(",") if name]
+
+
+def test_the_cli_and_light_modules_load_without_the_training_stack() -> None:
+    # `medfed --help`, keys, presets, certs, deploy and the site's policy/audit tools
+    # must not pay for torch, MONAI, Opacus, Ray or matplotlib (6-8 s on a laptop).
+    assert _loaded_after("import simulations.cli") == []
+    assert _loaded_after("from federation.data import resolve_data_dir, DATA_DIR_ENV") == []
+    assert _loaded_after("from federation.data.dicom import DEFAULT_KEY_COLUMN, read_labels") == []
+    assert _loaded_after("import server.run_dir") == []
+    # ...while the commands that need it still get it, through the same names.
+    assert "torch" in _loaded_after("from federation.data import load_site_data")
+
+
+def test_help_of_every_command_group_still_renders() -> None:
+    for args in (["--help"], ["site", "--help"], ["site", "make-demo", "--help"], ["predict", "--help"],
+                 ["certs", "--help"], ["deploy", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert "pneumoniamnist" in runner.invoke(app, ["site", "make-demo", "--help"]).output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 import types
@@ -406,3 +407,42 @@ def test_describe_sites_sums_to_the_pool() -> None:
         assert sum(row["label_counts"].values()) == row["n_train"]
         assert sum(row["test_label_counts"].values()) == row["n_test"]
         assert set(row["label_counts"]) == {0, 1}
+
+
+def _fresh(code: str) -> str:
+    """stdout of ``code`` in a fresh interpreter (nothing of federation.data loaded yet)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_builtin_datasets_register_on_first_use_and_a_user_override_wins() -> None:
+    # The registry fills itself on its first use, whatever was imported before.
+    assert _fresh("import federation.data.heart\nfrom federation.data import available_datasets\n"
+                  "print(' '.join(available_datasets()))").split() == [
+        "adrenalmnist3d", "breastmnist", "dicom", "heart_disease", "pneumoniamnist", "retinamnist", "synthetic"]
+    # A replacement registered before any lookup is not overwritten by the built-in.
+    code = (
+        "import numpy as np\n"
+        "from federation.config.schema import DataConfig\n"
+        "from federation.data import DatasetSplits, load_dataset, register_dataset\n"
+        "def mine(*, config, data_dir, seed):\n"
+        "    x = np.zeros((4, 1, 8, 8), np.float32); y = np.array([0, 1, 0, 1])\n"
+        "    return DatasetSplits(name='synthetic', train_images=x, train_labels=y, test_images=x, test_labels=y,\n"
+        "                         num_classes=2, in_channels=1, md5=None, label_names=('a', 'b'))\n"
+        "register_dataset('synthetic', mine, replace=True)\n"
+        "print(len(load_dataset(DataConfig(dataset='synthetic', image_size=8), seed=0).train_labels))\n"
+    )
+    assert _fresh(code) == "4"
+
+
+def test_lazy_package_names() -> None:
+    import federation.data as data
+    from federation._lazy import lazy_exports
+
+    assert {"load_site_data", "register_dataset", "resolve_data_dir"} <= set(dir(data)) and "SiteData" in data.__all__
+    with pytest.raises(AttributeError, match="'federation.data' has no attribute 'load_sites'"):
+        data.load_sites  # noqa: B018 - the attribute access is the test
+    with pytest.raises(ValueError, match="'f' exported by both a.b and a.c"):
+        lazy_exports("a", {"a.b": ("f",), "a.c": ("f", "g")})

@@ -205,6 +205,3 @@ def _register() -> None:
         info=DatasetInfo(in_channels=len(HEART_FEATURES), num_classes=2, spatial_dims=0),
         replace=True,
     )
-
-
-_register()

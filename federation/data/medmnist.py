@@ -231,6 +231,3 @@ def _register() -> None:
             info=DatasetInfo(in_channels=info.in_channels, num_classes=len(info.label_names)),
             replace=True,
         )
-
-
-_register()

@@ -69,6 +69,3 @@ def _register() -> None:
             info=DatasetInfo(in_channels=info.in_channels, num_classes=len(info.label_names), spatial_dims=3),
             replace=True,
         )
-
-
-_register()

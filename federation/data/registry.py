@@ -6,12 +6,18 @@ returns the full dataset at its native image size. :func:`load_dataset` looks th
 name up, calls the loader, takes the ``max_train_samples``/``max_test_samples``
 subsets, resizes to ``image_size`` and caches the result for the process, so that
 many simulated sites in one process share one read-only copy of the arrays.
+
+The built-in datasets (:data:`BUILTIN_DATASET_MODULES`, each with a ``_register()``)
+are registered on the registry's first use, not when ``federation.data`` is
+imported, so that importing the package's light parts stays cheap.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +172,40 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 
+#: Modules of the shipped datasets, registered in this order (DICOM folders last).
+BUILTIN_DATASET_MODULES = (
+    "federation.data.synthetic",
+    "federation.data.medmnist",
+    "federation.data.heart",
+    "federation.data.medmnist3d",
+    "federation.data.dicom.dataset",
+)
+_builtins_lock = threading.RLock()
+_builtins_for: dict[str, _Entry] | None = None  # the registry the built-ins were put in
+_builtins_loading = False
+
+
+def _ensure_builtin_datasets() -> None:
+    """Register the built-in datasets once, before any lookup or user registration.
+
+    A user's ``register_dataset(name, ..., replace=True)`` therefore always wins over
+    a built-in of the same name. Re-entrant: the built-ins' own registration calls
+    come back here while they load.
+    """
+    global _builtins_for, _builtins_loading
+    if _builtins_for is _REGISTRY:
+        return
+    with _builtins_lock:
+        if _builtins_for is _REGISTRY or _builtins_loading:
+            return
+        _builtins_loading = True
+        try:
+            for module in BUILTIN_DATASET_MODULES:
+                importlib.import_module(module)._register()
+            _builtins_for = _REGISTRY
+        finally:
+            _builtins_loading = False
+
 
 def register_dataset(
     name: str,
@@ -192,6 +232,7 @@ def register_dataset(
         ValueError: If the name is malformed, already registered (and ``replace`` is
             false) or the strength is negative.
     """
+    _ensure_builtin_datasets()
     if not name or name != name.strip().lower() or not all(c.isalnum() or c in "_-" for c in name):
         raise ValueError(f"dataset name {name!r} must be non-empty lower case letters, digits, '_' or '-'")
     if name in _REGISTRY and not replace:
@@ -204,10 +245,12 @@ def register_dataset(
 
 def available_datasets() -> list[str]:
     """Return the registered dataset names, sorted."""
+    _ensure_builtin_datasets()
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> _Entry:
+    _ensure_builtin_datasets()
     try:
         return _REGISTRY[name]
     except KeyError:

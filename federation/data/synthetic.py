@@ -269,6 +269,3 @@ def _register() -> None:
         info=DatasetInfo(in_channels=1, num_classes=2),
         replace=True,
     )
-
-
-_register()

@@ -17,7 +17,7 @@ import numpy as np
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN, DEFAULT_LABELS_NAME
 from federation.data.dicom.loader import load_site_sample_set
 from federation.data.dicom.reader import Frames, Normalize
-from federation.data.registry import DatasetSplits, stratified_subset
+from federation.data.registry import DatasetSplits, register_dataset, stratified_subset
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +162,7 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
         label_names=report.label_names,
         test_groups={"sex": samples.sex[test].astype(np.int64), "age": samples.age[test].astype(np.int64)},
     )
+
+
+def _register() -> None:
+    register_dataset("dicom", load_dicom_splits, replace=True)
