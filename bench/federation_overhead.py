@@ -21,6 +21,12 @@ interleaved, ``--repeats`` times:
   from start to exit.
 * ``medfed-noeval`` (with ``--no-eval-variant``): medfed without per-round evaluation
   (``strategy.fraction_evaluate=0 server.central_eval=false``).
+* ``parallel``: the limit as ``W`` processes at once (``W`` = the site workers the
+  engine runs, ``cores / simulation.cpus_per_site``), process ``k`` training sites
+  ``k, k+W, ...`` (each averages only its own sites: the weights differ from the
+  federation's, the arithmetic per step does not). A round takes the slowest
+  process's share. Processes that share caches and memory bandwidth can slow
+  each other down; this measures what the cores do instead of assuming ``serial / W``.
 
 The rounds' timestamps split a federation's time into a fixed start-up part
 ``F`` (interpreter, imports, Ray, worker processes, data, noise calibration,
@@ -28,11 +34,9 @@ teardown) and a steady per-round cost ``P`` (median of rounds 2..R); the limit
 likewise into its first round and a steady per-round ``L``. A run of ``N`` rounds
 is then ``F + N P`` against ``L_1 + (N - 1) L``: the script prints that ratio for
 N = the measured rounds, 10, 50 and 100, against the serial limit (one process,
-back to back, as specified) and against the parallel limit (the serial limit
-divided by the number of site workers the engine runs at once,
-``cores / simulation.cpus_per_site``), which a federation on this machine could
-at best reach. The limit uses ``--limit-threads`` torch threads (default 1, what a
-site worker gets with ``simulation.cpus_per_site=1``).
+back to back, as specified) and against the parallel limit (the ``parallel``
+runs). The limit uses ``--limit-threads`` torch threads (default 1, what a site
+worker gets with ``simulation.cpus_per_site=1``).
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def _config(preset: str | None, overrides: list[str], out_dir: str, run_name: st
     )
 
 
-def worker_limit(preset: str | None, overrides: list[str], threads: int) -> dict:
-    """Train every site for every round back to back in this process; time only train_local."""
+def worker_limit(preset: str | None, overrides: list[str], threads: int, share: tuple[int, int] = (0, 1)) -> dict:
+    """Train every site (of ``share = (k, W)``: sites k, k+W, ...) every round back to back; time only train_local."""
     import torch
 
     if threads > 0:
@@ -91,6 +95,8 @@ def worker_limit(preset: str | None, overrides: list[str], threads: int) -> dict
     for server_round in range(1, config.server.rounds + 1):
         seconds, states, weights = 0.0, [], []
         for index, site in enumerate(sites):
+            if index % share[1] != share[0]:
+                continue
             model.load_state_dict(global_state)
             start = time.perf_counter()
             result = train_local(model=model, dataset=site.train, config=config.train, privacy=privacy[index],
@@ -147,13 +153,24 @@ def _run_vanilla(preset: str | None, overrides: list[str], tmp: str) -> dict:
     return {"wall": wall, "rounds": _round_times(rows), "peak_pss_mb": memory.peak_pss / 2**20}
 
 
-def _run_limit(preset: str | None, overrides: list[str], threads: int) -> dict:
-    command = [sys.executable, __file__, "--worker", "limit", "--threads", str(threads), "--sets", *overrides]
-    if preset:
-        command += ["--preset", preset]
+def _run_limit(preset: str | None, overrides: list[str], threads: int, processes: int = 1) -> dict:
+    """The limit in ``processes`` processes at once (1: the serial limit); rounds = the slowest share's."""
+    commands = []
+    for k in range(processes):
+        command = [sys.executable, __file__, "--worker", "limit", "--threads", str(threads),
+                   "--share", f"{k}/{processes}", "--sets", *overrides]
+        commands.append(command + (["--preset", preset] if preset else []))
     start = time.perf_counter()
-    out = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    running = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for c in commands]
+    shares = []
+    for process in running:
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"limit worker failed ({process.returncode}):\n{err[-2000:]}")
+        shares.append(json.loads(out.strip().splitlines()[-1]))
+    result = dict(shares[0])
+    result["rounds"] = [max(r) for r in zip(*(s["rounds"] for s in shares))]
     result["wall"] = time.perf_counter() - start
     return result
 
@@ -187,9 +204,11 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", default=[], dest="worker_sets", help=argparse.SUPPRESS)
     parser.add_argument("--times", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--share", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "limit":
-        print(json.dumps(worker_limit(args.preset, args.worker_sets, args.threads)))
+        k, w = (int(x) for x in args.share.split("/"))
+        print(json.dumps(worker_limit(args.preset, args.worker_sets, args.threads, share=(k, w))))
         return
     if args.worker == "vanilla":
         sys.path.insert(0, str(Path(__file__).parent))
@@ -206,47 +225,55 @@ def main() -> None:
     info = machine()
     say(f"P1 federation overhead: {' '.join(overrides)} (config {args.config or 'synthetic preset'})")
     say(f"machine: {info}")
-    results: dict[str, list[dict]] = {"limit": [], **{name: [] for name in variants}}
+    results: dict[str, list[dict]] = {"limit": [], "parallel": [], **{name: [] for name in variants}}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
-            for name, sets in [("limit", overrides), *variants.items()]:
+            for name, sets in [("limit", overrides), ("parallel", overrides), *variants.items()]:
                 load = loadavg()
                 if name == "limit":
                     row = _run_limit(args.config, sets, args.limit_threads)
+                elif name == "parallel":
+                    row = _run_limit(args.config, sets, args.limit_threads, processes=results["limit"][0]["workers"])
                 elif name == "vanilla":
                     row = _run_vanilla(args.config, sets, tmp)
                 else:
                     row = _run_medfed(args.config, sets, tmp, f"{name}-{repeat}")
                 row["load"] = load
                 results[name].append(row)
-                timed = sum(row["rounds"]) if name == "limit" else row["wall"]
+                timed = sum(row["rounds"]) if name in ("limit", "parallel") else row["wall"]
                 say(f"  repeat {repeat + 1} {name:14s} {timed:7.1f} s  rounds "
                     f"{[round(r, 1) for r in row['rounds']]}  load {load}")
 
     limit_total = [sum(r["rounds"]) for r in results["limit"]]
+    parallel_total = [sum(r["rounds"]) for r in results["parallel"]]
     workers = results["limit"][0]["workers"]
-    say(f"\nlimit (train_local only, back to back, {results['limit'][0]['threads']} torch thread(s)): "
-        f"{Stats(limit_total).fmt()}; the engine runs {workers} site worker(s) at a time, so the parallel "
-        f"limit is 1/{workers} of it")
     limit_fixed, limit_round = _model(results["limit"], limit=True)
+    parallel_fixed, parallel_round = _model(results["parallel"], limit=True)
+    say(f"\nlimit (train_local only, back to back, {results['limit'][0]['threads']} torch thread(s)): "
+        f"{Stats(limit_total).fmt()}, steady round {limit_round:.2f} s; the engine runs {workers} site worker(s) "
+        f"at a time: the same in {workers} processes at once {Stats(parallel_total).fmt()}, steady round "
+        f"{parallel_round:.2f} s ({limit_round / parallel_round:.2f}x faster than serial, not {workers}x)")
     summary = {"limit": {"total": Stats(limit_total).as_dict(), "first_round_extra": limit_fixed,
-                         "steady_round": limit_round, "threads": results["limit"][0]["threads"], "workers": workers}}
+                         "steady_round": limit_round, "threads": results["limit"][0]["threads"], "workers": workers},
+               "parallel": {"total": Stats(parallel_total).as_dict(), "first_round_extra": parallel_fixed,
+                            "steady_round": parallel_round, "processes": workers}}
     for name in variants:
         walls = [r["wall"] for r in results[name]]
         fixed, per_round = _model(results[name], limit=False)
         projected = {}
         for n in sorted({args.rounds, 10, 50, 100}):
-            serial = limit_fixed + n * limit_round
-            projected[n] = {"serial": (fixed + n * per_round) / serial,
-                            "parallel": (fixed + n * per_round) / (serial / workers)}
+            run = fixed + n * per_round
+            projected[n] = {"serial": run / (limit_fixed + n * limit_round),
+                            "parallel": run / (parallel_fixed + n * parallel_round)}
         say(f"{name:14s} wall {Stats(walls).fmt()}  ratio to the serial limit {ratio(walls, limit_total).fmt('x')}, "
-            f"to the parallel limit {ratio(walls, [t / workers for t in limit_total]).fmt('x')}")
+            f"to the parallel limit {ratio(walls, parallel_total).fmt('x')}")
         say(f"{'':14s} fixed start-up {fixed:.1f} s, steady round {per_round:.2f} s "
-            f"(limit {limit_round:.2f} s serial, {limit_round / workers:.2f} s parallel); peak PSS "
+            f"(limit {limit_round:.2f} s serial, {parallel_round:.2f} s parallel); peak PSS "
             f"{statistics.median(r['peak_pss_mb'] for r in results[name]):.0f} MB")
         say(f"{'':14s} projected ratio (serial / parallel limit): "
             + ", ".join(f"{n} rounds {v['serial']:.2f}x / {v['parallel']:.2f}x" for n, v in projected.items()))
         summary[name] = {"wall": Stats(walls).as_dict(), "ratio": ratio(walls, limit_total).as_dict(),
+                         "ratio_parallel": ratio(walls, parallel_total).as_dict(),
                          "fixed": fixed, "steady_round": per_round, "projected_ratio": projected}
     write_json(args.json, {"machine": info, "overrides": overrides, "config": args.config, "runs": results,
                            "summary": summary})
