@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from client.guard import refusal
 from client.ledger import BUDGET_SLACK, PrivacyLedger
 from client.policy import SitePolicy
 from federation.config import ExperimentConfig
-from federation.privacy import PrivacyBudgetExhausted, SitePrivacy
+
+if TYPE_CHECKING:  # Opacus loads with the accountant a training round brings (evaluation never does)
+    from federation.privacy import SitePrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ def _privacy_refusal(
     policy: SitePolicy | None, ledger: PrivacyLedger, run: str, privacy: SitePrivacy
 ) -> tuple[str | None, Admission]:
     """Noise floor, ledger consistency, run budget and lifetime budget, in that order."""
+    from federation.privacy import PrivacyBudgetExhausted  # noqa: PLC0415 - see the TYPE_CHECKING import
+
     before = privacy.epsilon_spent()
     after = privacy.epsilon_after(privacy.steps_per_round)
     life_before, _ = ledger.lifetime_after(run, run_epsilon=before, delta=privacy.delta)

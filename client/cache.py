@@ -30,6 +30,7 @@ from torch import nn
 
 from federation.config.schema import DataConfig, ModelConfig
 from federation.data import SiteData, load_site_data
+from federation.models import check_dp_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _lock = threading.Lock()
 _data: OrderedDict[tuple, tuple[SiteData, int]] = OrderedDict()
 _models: OrderedDict[tuple, nn.Module] = OrderedDict()
 _lent: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_dp_checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _nbytes(data: SiteData) -> int:
@@ -97,12 +99,20 @@ def checkout_model(
 
     The caller must load a complete state dict into it before use and hand it back
     with :func:`release_model` when done (not doing so only costs a rebuild).
+    Evaluation and training share the model; ``dp=True`` checks it for Opacus
+    (:func:`~federation.models.check_dp_compatible`) once, before its first DP use.
+
+    Raises:
+        ConfigError: ``dp`` and the network cannot be trained with DP-SGD.
     """
-    key = (config.model_dump_json(), int(in_channels), int(num_classes), bool(dp))
+    key = (config.model_dump_json(), int(in_channels), int(num_classes))
     with _lock:
         model = _models.pop(key, None)
     if model is None:
         model = build()
+    if dp and model not in _dp_checked:
+        check_dp_compatible(model, config)
+        _dp_checked.add(model)
     _lent[model] = key
     return model
 

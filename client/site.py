@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -26,9 +26,10 @@ from federation.config import ExperimentConfig
 from federation.data import SiteData
 from federation.metrics.clinical import ClinicalSettings, clinical_metrics
 from federation.models import build_model
-from federation.privacy import PrivacyBudgetExhausted, SitePrivacy
-from federation.training import evaluate, model_state, select_device, train_local
-from federation.training.schedule import with_site_schedule
+from federation.training import evaluate, select_device
+
+if TYPE_CHECKING:  # Opacus (~1 s to import) loads only in a process that trains: see train_round
+    from federation.privacy import SitePrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +109,16 @@ def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
     )
 
 
-def _build(config: ExperimentConfig, data: SiteData) -> torch.nn.Module:
-    """A model of the configured architecture (reused between rounds: load weights, then release_model)."""
+def _build(config: ExperimentConfig, data: SiteData, *, dp: bool) -> torch.nn.Module:
+    """A model of the configured architecture (reused between rounds: load weights, then release_model).
+
+    Evaluation asks with ``dp=False`` (the layers follow ``model.norm`` either way), so
+    it never loads Opacus; ``dp=True`` has the network checked for DP-SGD first.
+    """
     return checkout_model(
-        config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=config.privacy.enabled,
+        config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=dp,
         build=lambda: build_model(
-            config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=config.privacy.enabled,
+            config.model, in_channels=data.in_channels, num_classes=data.num_classes, dp=False,
             spatial_dims=data.spatial_dims,
         ),
     )
@@ -134,6 +139,8 @@ def load_privacy(
     """The site's accountant for the whole run, restored from its disk when present."""
     if not config.privacy.enabled:
         return None
+    from federation.privacy import SitePrivacy  # noqa: PLC0415 - Opacus: only where DP trains
+
     privacy = SitePrivacy(
         config=config.privacy,
         num_examples=num_examples,
@@ -191,10 +198,14 @@ def train_round(
     budget (see :func:`client.admission.admit_train_round`). The site's ledger
     records the epsilon reserved before and spent after training.
     """
+    from federation.privacy import PrivacyBudgetExhausted  # noqa: PLC0415 - Opacus: only where a site trains
+    from federation.training import model_state, train_local  # noqa: PLC0415
+    from federation.training.schedule import with_site_schedule  # noqa: PLC0415
+
     inject_fault(config, settings, server_round=server_round)  # simulated faults only
     data = load_data(config, settings)
     config = with_site_schedule(config, num_examples=len(data.train), server_round=server_round)  # steps, lr
-    model = _build(config, data)
+    model = _build(config, data, dp=config.privacy.enabled)
     model.load_state_dict(dict(global_weights))
     privacy = load_privacy(config, settings, num_examples=len(data.train))
     ledger = PrivacyLedger.open(settings.state_dir)
@@ -246,7 +257,7 @@ def evaluate_round(
 ) -> dict[str, float]:
     """Evaluate the global model on this site's own test split."""
     data = load_data(config, settings)
-    model = _build(config, data)
+    model = _build(config, data, dp=False)
     model.load_state_dict(dict(global_weights))
     result = evaluate(
         model=model,

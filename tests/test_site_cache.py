@@ -71,6 +71,32 @@ def test_a_model_is_lent_once_and_reused_only_after_release(tmp_path: Path) -> N
     assert cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=False, build=build) is not first
 
 
+def test_evaluation_and_dp_training_share_a_model_checked_for_dp_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path)
+    checks: list[str] = []
+    original = cache.check_dp_compatible
+    monkeypatch.setattr(cache, "check_dp_compatible",
+                        lambda model, cfg: (checks.append(cfg.name), original(model, cfg)))
+    def build():
+        return build_model(config.model, in_channels=1, num_classes=2, dp=False)
+    evaluating = cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=False, build=build)
+    assert checks == []  # evaluation never checks (nor loads Opacus)
+    cache.release_model(evaluating)
+    for _ in range(2):
+        training = cache.checkout_model(config.model, in_channels=1, num_classes=2, dp=True, build=build)
+        assert training is evaluating
+        cache.release_model(training)
+    assert checks == ["cnn"]  # once per model
+    batch = _config(tmp_path, "model.norm=batch", "privacy.enabled=false").model  # a DP config refuses it
+    def build_batch():
+        return build_model(batch, in_channels=1, num_classes=2, dp=False)
+    cache.release_model(cache.checkout_model(batch, in_channels=1, num_classes=2, dp=False, build=build_batch))
+    with pytest.raises(ValueError, match="'batch' cannot be used with differential privacy"):
+        cache.checkout_model(batch, in_channels=1, num_classes=2, dp=True, build=build_batch)
+
+
 def _rounds(config, run_name: str, *, fresh_each_time: bool) -> list[tuple[dict, dict, dict]]:
     """Train site 1, site 2, site 1 again (DP), evaluating after each; optionally emptying the cache each time."""
     torch.manual_seed(0)

@@ -318,3 +318,42 @@ def test_invalid_policy_stops_the_clientapp_without_leaking_its_path(
         app(_message("train", site_run["weights"], 1, "study-b"), hostile)
     assert str(bad) not in str(info.value) and "MF0012345" not in str(info.value)
     assert str(bad) in caplog.text and "allow_non_dp" in caplog.text
+
+
+#: One fresh site process, as a deployed SuperNode starts per message: evaluate, then train with DP.
+_FRESH_SITE = """
+import sys, time
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from client.app import app
+from federation.config import load_config, to_flat
+config = load_config(None, {overrides!r})
+import torch
+from federation.models.cnn import build_cnn
+weights = build_cnn(config=config.model, in_channels=1, num_classes=2, spatial_dims=2).state_dict()
+context = Context(run_id=11, node_id=1, node_config={{"partition-id": 0, "num-partitions": 2}},
+                  state=RecordDict(), run_config=to_flat(config))
+def message(kind):
+    config_record = ConfigRecord({{"server-round": 1, "run-name": "r"}})
+    content = RecordDict({{"arrays": ArrayRecord(weights), "config": config_record}})
+    return Message(content=content, metadata=Metadata(run_id=11, message_id=kind, src_node_id=0, dst_node_id=1,
+                   reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0, message_type=kind))
+for kind in ("evaluate", "train"):
+    reply = app(message(kind), context)
+    assert not reply.has_error(), reply.error
+    print(kind, "opacus" in sys.modules, sorted(reply.content.metric_records["metrics"])[:2])
+"""
+
+
+def test_an_evaluating_site_process_never_loads_opacus(tmp_path: Path) -> None:
+    # A deployed site handles each message in a fresh process: evaluation (and
+    # inference) must not pay for Opacus, which only DP training needs.
+    import subprocess
+    import sys
+
+    overrides = [*TINY, f"server.out_dir={tmp_path}", f"simulation.site_state_dir={tmp_path / 'disks'}"]
+    done = subprocess.run([sys.executable, "-c", _FRESH_SITE.format(overrides=overrides)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated, trained = done.stdout.strip().splitlines()[-2:]
+    assert evaluated.startswith("evaluate False ['accuracy', 'auc']"), evaluated
+    assert trained.startswith("train True "), trained

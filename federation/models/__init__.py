@@ -15,6 +15,7 @@ Example::
 from federation.models.registry import (
     available_models,
     build_model,
+    check_dp_compatible,
     count_parameters,
     dp_problems,
     min_input_size,
@@ -24,6 +25,7 @@ from federation.models.registry import (
 __all__ = [
     "available_models",
     "build_model",
+    "check_dp_compatible",
     "count_parameters",
     "dp_problems",
     "min_input_size",

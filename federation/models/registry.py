@@ -14,8 +14,6 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from federation.config.loading import ConfigError
@@ -146,6 +144,10 @@ def dp_problems(model: nn.Module, *, max_names: int = 5) -> list[str]:
     Returns:
         One human-readable line per distinct problem.
     """
+    # Opacus (~1 s to import) only where DP is checked: evaluation and inference never need it.
+    from opacus.utils.module_utils import trainable_modules  # noqa: PLC0415
+    from opacus.validators import ModuleValidator  # noqa: PLC0415
+
     problems: list[str] = []
     if ModuleValidator.validate(model, strict=False):
         by_message: dict[str, list[str]] = {}
@@ -163,6 +165,32 @@ def dp_problems(model: nn.Module, *, max_names: int = 5) -> list[str]:
         shown = ", ".join(inplace[:max_names]) + (f", ... ({len(inplace)} modules)" if len(inplace) > max_names else "")
         problems.append(f"in-place activations break Opacus' per-sample gradient hooks [in: {shown}]")
     return problems
+
+
+_BATCH_NORM_UNDER_DP = (
+    "model.norm: 'batch' cannot be used with differential privacy (BatchNorm mixes samples "
+    "within a batch, so per-sample gradients are undefined); use 'group' or 'instance'"
+)
+
+
+def check_dp_compatible(model: nn.Module, config: ModelConfig) -> None:
+    """Raise if ``model`` (built from ``config``) cannot be trained with Opacus DP-SGD.
+
+    What ``build_model(..., dp=True)`` checks, for a network built without it (a
+    site builds one network for evaluation and training and checks it before its
+    first DP round; evaluation does not load Opacus).
+
+    Raises:
+        ConfigError: (a ``ValueError``) listing every problem (see :func:`dp_problems`).
+    """
+    if config.norm == "batch":
+        raise ConfigError([_BATCH_NORM_UNDER_DP], source="model config")
+    errors = dp_problems(model)
+    if errors:
+        raise ConfigError(
+            [f"model.name: {config.name!r} is not compatible with differential privacy: {p}" for p in errors],
+            source="model config",
+        )
 
 
 def build_model(
@@ -200,10 +228,7 @@ def build_model(
     entry = _entry(config.name)
     problems: list[str] = []
     if dp and config.norm == "batch":
-        problems.append(
-            "model.norm: 'batch' cannot be used with differential privacy (BatchNorm mixes samples "
-            "within a batch, so per-sample gradients are undefined); use 'group' or 'instance'"
-        )
+        problems.append(_BATCH_NORM_UNDER_DP)
     if spatial_dims not in entry.spatial_dims:
         kinds = {0: "tabular features", 2: "2-D images", 3: "3-D volumes"}
         takes = ", ".join(kinds.get(d, str(d)) for d in entry.spatial_dims)
@@ -221,12 +246,7 @@ def build_model(
 
     model = entry.builder(config=config, in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims)
     if dp:
-        dp_errors = dp_problems(model)
-        if dp_errors:
-            raise ConfigError(
-                [f"model.name: {config.name!r} is not compatible with differential privacy: {p}" for p in dp_errors],
-                source="model config",
-            )
+        check_dp_compatible(model, config)
     logger.debug(
         "Built model %s (norm=%s, in_channels=%d, num_classes=%d, spatial_dims=%d, dp=%s): %d parameters",
         config.name,

@@ -8,22 +8,20 @@ Example::
                          privacy=privacy, seed=seed, proximal_mu=mu)
     weights = model_state(model)            # CPU tensors, no Opacus "_module." keys
     scores = evaluate(model=model, dataset=val_set).metrics()
+
+Names are imported from their submodule on first use (:mod:`federation._lazy`):
+evaluation does not load Opacus, which only :func:`train_local` needs.
 """
 
-from federation.training.device import seed_everything, select_device, set_threads, use_amp
-from federation.training.evaluate import evaluate
-from federation.training.local import model_state, split_batch, train_local
-from federation.training.results import EvalResult, TrainResult
+from federation._lazy import lazy_exports
 
-__all__ = [
-    "EvalResult",
-    "TrainResult",
-    "evaluate",
-    "model_state",
-    "seed_everything",
-    "select_device",
-    "set_threads",
-    "split_batch",
-    "train_local",
-    "use_amp",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "federation.training.batches": ("split_batch",),
+        "federation.training.device": ("seed_everything", "select_device", "set_threads", "use_amp"),
+        "federation.training.evaluate": ("evaluate",),
+        "federation.training.local": ("model_state", "train_local"),
+        "federation.training.results": ("EvalResult", "TrainResult"),
+    },
+)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from federation.metrics import classification_metrics
-from federation.training.local import split_batch
+from federation.training.batches import split_batch
 from federation.training.results import EvalResult
 
 logger = logging.getLogger(__name__)

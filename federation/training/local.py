@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from federation.privacy import (
     unwrap_model,
     uses_clipped_backward,
 )
+from federation.training.batches import split_batch
 from federation.training.device import seed_everything, select_device, set_threads, tune_cpu_allocator, use_amp
 from federation.training.results import TrainResult
 
@@ -98,28 +99,6 @@ def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)`` of a collated batch; labels as ``(N,)`` int64.
-
-    Args:
-        batch: A tuple/list whose first two items are images and labels, or a
-            mapping with ``"image"`` and ``"label"`` keys.
-
-    Raises:
-        TypeError: For any other batch layout.
-    """
-    if isinstance(batch, Mapping):
-        images, labels = batch["image"], batch["label"]
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        images, labels = batch[0], batch[1]
-    else:
-        raise TypeError(f"cannot split a batch of type {type(batch).__name__} into (image, label)")
-    labels = torch.as_tensor(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    return torch.as_tensor(images), labels.long()
 
 
 def _endless(loader: Iterable[Any]) -> Iterator[Any]:
