@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -226,3 +228,25 @@ def say(*parts: object) -> None:
     """Print a line of bench output at once (bench scripts report on stdout)."""
     print(*parts, flush=True)
     sys.stdout.flush()
+
+
+def run_fresh_python(args: Sequence[str], *, repo: Path, env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``python ARGS`` in a fresh interpreter with ``repo`` first on the import path, from ``repo``.
+
+    Returns:
+        Wall seconds, CPU seconds (user + system of the child: hardly affected by
+        other load) and its stdout.
+
+    Raises:
+        SystemExit: The command failed (the end of its stderr is shown).
+    """
+    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": path}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=repo, env=full_env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"python {' '.join(args)[:200]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, done.stdout

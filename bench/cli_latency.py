@@ -22,13 +22,9 @@ which load torch and MONAI, so it is not.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from _common import REPO, Stats, loadavg, machine, ratio, say, write_json
+from _common import REPO, Stats, loadavg, machine, ratio, run_fresh_python, say, write_json
 
 COMMANDS: list[list[str]] = [
     ["--help"],
@@ -41,17 +37,6 @@ COMMANDS: list[list[str]] = [
     ["validate"],
 ]
 BASELINES = {"python -c pass": ["-c", "pass"], "python -c 'import torch'": ["-c", "import torch"]}
-
-
-def _time(argv: list[str], repo: Path) -> float:
-    """Wall seconds of ``python ARGV`` with ``repo`` first on the import path; fails loudly."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], cwd=repo, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"python {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return seconds
 
 
 def main() -> None:
@@ -68,9 +53,9 @@ def main() -> None:
     for _ in range(args.repeats):
         loads.append(loadavg())
         for name, argv in BASELINES.items():
-            runs[name].append(_time(argv, repo))
+            runs[name].append(run_fresh_python(argv, repo=repo)[0])
         for cmd in COMMANDS:
-            runs["medfed " + " ".join(cmd)].append(_time(["-m", "simulations.cli", *cmd], repo))
+            runs["medfed " + " ".join(cmd)].append(run_fresh_python(["-m", "simulations.cli", *cmd], repo=repo)[0])
     floor = runs["python -c pass"]
     say(f"\n{'command':36s} {'wall, median (min-max)':26s} ratio to python -c pass")
     summary = {}

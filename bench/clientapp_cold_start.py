@@ -25,15 +25,10 @@ checkouts taking turns to go first), and the ratio this / that is given per repe
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import REPO, Stats, loadavg, machine, ratio, say, write_json
+from _common import REPO, Stats, loadavg, machine, ratio, run_fresh_python, say, write_json
 
 RUNNER = "import flwr.supernode.cli.flwr_clientapp"
 
@@ -64,17 +59,8 @@ print("opacus loaded" if "opacus" in sys.modules else "no opacus")
 
 def _run(code: str, repo: Path) -> tuple[float, float, str]:
     """Wall and CPU seconds of ``python -c code`` with ``repo`` first on the path, and its last stdout line."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-           "FLWR_TELEMETRY_ENABLED": "0"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"case failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return wall, cpu, (done.stdout.strip().splitlines() or [""])[-1]
+    wall, cpu, out = run_fresh_python(["-c", code], repo=repo, env={"FLWR_TELEMETRY_ENABLED": "0"})
+    return wall, cpu, (out.strip().splitlines() or [""])[-1]
 
 
 def main() -> None:
