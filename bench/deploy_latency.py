@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, Stats, loadavg, machine  # noqa: E402
+from _common import REPO, Stats, loadavg, machine, run_fresh_python  # noqa: E402
 
 SITES = ("site-1", "site-2", "site-3")
 BASE = ["data.num_samples=120", "strategy.min_sites=3", "server.round_timeout=300.0"]
@@ -93,13 +92,10 @@ def clientapp_import(repeats: int = 3) -> dict[str, dict]:
     """
     wall, cpu = [], []
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import flwr.supernode.cli.flwr_clientapp, client.app"],
-                       cwd=REPO, check=True)
-        wall.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        seconds, cpu_seconds, _ = run_fresh_python(["-c", "import flwr.supernode.cli.flwr_clientapp, client.app"],
+                                                   repo=REPO)
+        wall.append(seconds)
+        cpu.append(cpu_seconds)
     return {"wall": Stats(wall).as_dict(), "cpu": Stats(cpu).as_dict()}
 
 

@@ -67,6 +67,7 @@ def check_command(
 ) -> None:
     """Check a site's DICOM files against its labels; exit 1 when nothing usable remains."""
     from federation.data.dicom import check_site, render_site_report  # noqa: PLC0415 - torch: only when used
+
     if frames not in ("first", "middle", "all"):
         _fail(f"--frames must be first, middle or all, not {frames!r}")
     names = _split_csv([label_names]) or None
@@ -110,6 +111,7 @@ def make_demo_command(
 ) -> None:
     """Write a demo hospital site (DICOM files + labels.csv) from a MedMNIST split."""
     from federation.data.dicom import make_demo_site  # noqa: PLC0415 - only when used
+
     try:
         site = make_demo_site(
             source=source, data_dir_of_npz=data_dir, out_dir=out, split=split, count=count, seed=seed,
