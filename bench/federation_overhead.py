@@ -21,6 +21,10 @@ interleaved, ``--repeats`` times:
   from start to exit.
 * ``medfed-noeval`` (with ``--no-eval-variant``): medfed without per-round evaluation
   (``strategy.fraction_evaluate=0 server.central_eval=false``).
+* ``medfed-eval-every-K`` (with ``--eval-every K``): medfed evaluating at the sites and
+  centrally every K-th round and the last (``server.eval_every=K``); its steady round
+  is the *mean* of rounds 2..R (evaluated and unevaluated rounds in the proportion
+  the run had), so use ``--rounds`` a multiple of K.
 * ``parallel``: the limit as ``W`` processes at once (``W`` = the site workers the
   engine runs, ``cores / simulation.cpus_per_site``), process ``k`` training sites
   ``k, k+W, ...`` (each averages only its own sites: the weights differ from the
@@ -175,12 +179,13 @@ def _run_limit(preset: str | None, overrides: list[str], threads: int, processes
     return result
 
 
-def _model(runs: list[dict], *, limit: bool) -> tuple[float, float]:
-    """``(fixed, per_round)`` of runs: steady round = median of rounds 2..R."""
+def _model(runs: list[dict], *, limit: bool, mean: bool = False) -> tuple[float, float]:
+    """``(fixed, per_round)`` of runs: steady round = median (``mean``: mean) of rounds 2..R."""
     fixed, steady = [], []
     for run in runs:
         rounds = run["rounds"]
-        per_round = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+        average = statistics.fmean if mean else statistics.median
+        per_round = average(rounds[1:]) if len(rounds) > 1 else rounds[0]
         total = sum(rounds) if limit else run["wall"]
         fixed.append(total - per_round * len(rounds))
         steady.append(per_round)
@@ -195,6 +200,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-eval-variant", action="store_true", help="also run medfed without per-round evaluation")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="K",
+                        help="also run medfed with server.eval_every=K (evaluation every K-th round and the last)")
     parser.add_argument("--limit-threads", type=int, default=1,
                         help="torch threads of the limit process (default 1: what a site worker gets with "
                              "simulation.cpus_per_site=1; 0 = torch's default)")
@@ -222,6 +229,8 @@ def main() -> None:
     variants = {"medfed": overrides, "vanilla": overrides}
     if args.no_eval_variant:
         variants["medfed-noeval"] = [*overrides, "strategy.fraction_evaluate=0", "server.central_eval=false"]
+    if args.eval_every > 1:
+        variants[f"medfed-eval-every-{args.eval_every}"] = [*overrides, f"server.eval_every={args.eval_every}"]
     info = machine()
     say(f"P1 federation overhead: {' '.join(overrides)} (config {args.config or 'synthetic preset'})")
     say(f"machine: {info}")
@@ -259,7 +268,7 @@ def main() -> None:
                             "steady_round": parallel_round, "processes": workers}}
     for name in variants:
         walls = [r["wall"] for r in results[name]]
-        fixed, per_round = _model(results[name], limit=False)
+        fixed, per_round = _model(results[name], limit=False, mean=name.startswith("medfed-eval-every"))
         projected = {}
         for n in sorted({args.rounds, 10, 50, 100}):
             run = fixed + n * per_round

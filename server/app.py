@@ -3,7 +3,8 @@
 The ServerApp reads the run config, then :func:`run_federation` builds the model
 and the strategy chosen by name, and drives Flower's own ``Strategy.start()``
 loop. Checkpoints, per-round records and central evaluation happen in the
-``evaluate_fn`` hook that ``start()`` calls after every round.
+``evaluate_fn`` hook that ``start()`` calls after every round (central and site
+evaluation only in the rounds ``server.eval_every`` selects, and always the last).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
 from server.run_dir import ROUNDS_FILE, Checkpoint, RunDirectory
 from server.summary import build_summary
-from strategies import AlignedMetricKeys, QuorumStrategy, build_strategy, load_strategy_state, strategy_state
+from strategies import (
+    AlignedMetricKeys,
+    EvaluationSchedule,
+    QuorumStrategy,
+    build_strategy,
+    evaluation_due,
+    load_strategy_state,
+    strategy_state,
+)
 from strategies.central_dp import CENTRAL_DP_FILE, with_central_dp
 from strategies.compression import with_transfer_decoding
 from strategies.ordered import OrderedReplies
@@ -79,7 +88,7 @@ def _round_end_hook(
         if server_round == 0 and recorder.round_offset > 0:
             return None  # round 0 of a resumed run was recorded by the first process
         global_metrics: dict[str, float] = {}
-        if test_set is not None:
+        if test_set is not None and evaluation_due(rnd, every=config.server.eval_every, last_round=config.server.rounds):
             model.load_state_dict(arrays.to_torch_state_dict())
             result = evaluate(model=model, dataset=test_set, device=device)
             global_metrics = result.metrics()
@@ -131,8 +140,13 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
         logger.info("run %s already completed %d of %d rounds", run.path, done, config.server.rounds)
     else:
         recorder = RecordingStrategy(
-            QuorumStrategy(
-                inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)), min_replies=config.strategy.min_sites
+            EvaluationSchedule(  # server.eval_every: evaluation rounds (the recorder passes the run's round)
+                inner=QuorumStrategy(
+                    inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)),
+                    min_replies=config.strategy.min_sites,
+                ),
+                every=config.server.eval_every,
+                last_round=config.server.rounds,
             ),
             run=run,
             round_offset=done,

@@ -104,10 +104,13 @@ def simulate_command(
     with progress:
         task = progress.add_task("rounds", total=resolved.server.rounds, status="starting sites…")
 
+        last = {"status": ""}  # rounds without evaluation (server.eval_every) keep the last value
+
         def on_round(row: dict) -> None:
             auc = (row.get("global") or {}).get("auc")
-            status = f"global AUC {auc:.4f}" if auc is not None else ""
-            progress.update(task, completed=row["round"], status=status)
+            if auc is not None:
+                last["status"] = f"global AUC {auc:.4f} (round {row['round']})"
+            progress.update(task, completed=row["round"], status=last["status"])
 
         try:
             simulate(resolved, on_round=on_round, verbose=verbose)
@@ -122,7 +125,7 @@ def simulate_command(
         console.print("ε per site: " + ", ".join(f"{s} {e:.2f}" for s, e in sorted(eps.items())))
     gallery = simulation_gallery(run_dir)  # simulation only: reads the simulated sites' images locally
     console.print(f"[green]done[/] → {run_dir}  (plots: {', '.join(p.name for p in plots)})")
-    console.print(f"research report: {after_simulate(run_dir, baselines=baselines)}")
+    console.print(f"research report: {after_simulate(run_dir, baselines=baselines, plots=plots)}")
     console.print(f"clinical report: {run_dir / 'clinical' / 'report.md'} ({len(gallery)} Grad-CAM gallery panels), "
                   f"model card: {run_dir / 'model_card.md'}, exported model: {run_dir / 'export'}")
     failure = failure_reason(run_dir)

@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 console = Console()
 
 
-def after_simulate(run_dir: Path, *, baselines: bool) -> Path:
-    """Train the baselines (when asked) and write the run's ``report.md``; returns the report path."""
+def after_simulate(run_dir: Path, *, baselines: bool, plots: list[Path] | None = None) -> Path:
+    """Train the baselines (when asked) and write the run's ``report.md``; returns the report path.
+
+    ``plots``: the run's plots if already written (see :func:`write_run_report`).
+    """
     from simulations.harness import resolve_config
     from simulations.research_report import write_run_report
 
@@ -30,7 +33,7 @@ def after_simulate(run_dir: Path, *, baselines: bool) -> Path:
         console.print("training baselines (pooled, local-only) on the same data and model…")
         run_baselines(resolve_config(resume=str(run_dir)), run_dir=run_dir)
         console.print((run_dir / BASELINES_MD).read_text())
-    return write_run_report(run_dir)
+    return write_run_report(run_dir, plots=plots)
 
 
 def _fail(message: str) -> None:

@@ -117,11 +117,14 @@ def _results(run_dir: Path, summary: dict[str, Any], config: ExperimentConfig) -
     return lines
 
 
-def write_run_report(run_dir: Path) -> Path:
+def write_run_report(run_dir: Path, *, plots: list[Path] | None = None) -> Path:
     """Write ``report.md`` (and the plots) for a finished run directory.
 
     Args:
         run_dir: A run directory with ``config.yaml``, ``rounds.jsonl`` and ``summary.json``.
+        plots: The run's plots when the caller has just written them with
+            :func:`simulations.report.write_plots` (they are not drawn twice); ``None``
+            writes them.
 
     Returns:
         The report's path.
@@ -130,7 +133,7 @@ def write_run_report(run_dir: Path) -> Path:
     config = load_config(run_dir / CONFIG_FILE)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
     rounds = read_jsonl(run_dir / ROUNDS_FILE)
-    plots = write_plots(run_dir)
+    plots = write_plots(run_dir) if plots is None else plots
     lines = [f"# medfed run `{run_dir.name}`", "", "## Scenario", ""]
     lines += [f"- **{k}**: {v}" for k, v in describe_scenario(config).items()]
     schedule = fault_schedule(config.faults, num_sites=config.data.num_sites, rounds=config.server.rounds,

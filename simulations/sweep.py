@@ -329,8 +329,9 @@ def collect(spec: SweepSpec, root: Path) -> list[dict[str, Any]]:
         row["max_epsilon"] = (math.nan if run.epsilon == NO_DP
                               else _num((summary.get("privacy") or {}).get("max_epsilon")))
         row["rounds_aggregated"] = summary.get("rounds_aggregated")
-        row["curve"] = [(r["round"], _num((r.get("global") or {}).get(spec.metric)))
-                        for r in read_jsonl(path / ROUNDS_FILE) if r.get("round")]
+        row["curve"] = [(r["round"], _num(r["global"][spec.metric]))  # evaluated rounds only (server.eval_every)
+                        for r in read_jsonl(path / ROUNDS_FILE)
+                        if r.get("round") and (r.get("global") or {}).get(spec.metric) is not None]
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@
 * :mod:`strategies.streaming`: FedAvg-family aggregation in O(model) memory,
   bit-identical to Flower's (what the built-in fedavg-like names build).
 * :mod:`strategies.compression`: decode fp16/int8 site updates (``train.transfer_dtype``).
+* :mod:`strategies.schedule`: :class:`EvaluationSchedule`, evaluate every k-th round (``server.eval_every``).
 """
 
 from strategies import builtin as _builtin  # noqa: F401  (registers the built-in strategies)
@@ -26,6 +27,7 @@ from strategies.registry import (
     common_strategy_kwargs,
     register_strategy,
 )
+from strategies.schedule import EvaluationSchedule, evaluation_due
 from strategies.state import StrategyState, load_strategy_state, strategy_state
 from strategies.wrapper import StrategyWrapper, iter_layers, unwrap
 
@@ -34,6 +36,7 @@ __all__ = [
     "REFUSED_KEY",
     "STATUS_KEY",
     "CommonStrategyKwargs",
+    "EvaluationSchedule",
     "QuorumStrategy",
     "StrategyBuilder",
     "StrategyState",
@@ -43,6 +46,7 @@ __all__ = [
     "available_strategies",
     "build_strategy",
     "common_strategy_kwargs",
+    "evaluation_due",
     "iter_layers",
     "load_strategy_state",
     "refusal_reason",

@@ -42,7 +42,8 @@ def _run(tmp_path: Path, name: str, extra: list[str] = (), resume: Path | None =
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _run(tmp_path_factory.mktemp("runs"), "straight")
+    """2 rounds, evaluated every 2nd round: round 1 trains only, round 2 (the last) also evaluates."""
+    return _run(tmp_path_factory.mktemp("runs"), "straight", ["server.eval_every=2"])
 
 
 def _steps_and_rate(run_dir: Path) -> dict[str, tuple[int, float]]:
@@ -69,11 +70,16 @@ def test_two_sites_two_rounds_write_the_run_directory(straight_run: Path) -> Non
     for r in rounds[1:]:
         assert r["aggregated"] is True
         assert set(r["sites"]) == {"site-1", "site-2"}
+        assert r["train"]["train-loss"] > 0
+    # server.eval_every=2: the initial model and round 2 (the last) are evaluated, round 1 is not
+    for r in (rounds[0], rounds[2]):
         assert 0.0 <= r["global"]["auc"] <= 1.0 and r["global"]["loss"] > 0
-        assert r["train"]["train-loss"] > 0 and r["evaluate"]["auc"] is not None
+    assert rounds[2]["evaluate"]["auc"] is not None
+    assert rounds[1]["global"] == {} and rounds[1]["evaluate"] == {}
     sites = read_jsonl(run / "sites.jsonl")
     assert sorted((s["round"], s["site"], s["phase"]) for s in sites) == sorted(
-        (rnd, site, phase) for rnd in (1, 2) for site in ("site-1", "site-2") for phase in ("train", "evaluate")
+        [(rnd, site, "train") for rnd in (1, 2) for site in ("site-1", "site-2")]
+        + [(2, site, "evaluate") for site in ("site-1", "site-2")]
     )
 
     # epsilon per site per round is exactly what the accountant gives for the steps taken

@@ -32,11 +32,13 @@ from federation.config import StrategyConfig
 from strategies.reddi import FedAdamReddi
 from strategies import (
     AlignedMetricKeys,
+    EvaluationSchedule,
     QuorumStrategy,
     StrategyWrapper,
     aggregate_metrics_nan_safe,
     available_strategies,
     build_strategy,
+    evaluation_due,
     load_strategy_state,
     register_strategy,
     strategy_state,
@@ -540,3 +542,49 @@ def test_stateless_strategies_and_mismatched_state() -> None:
     _run_round(fedadam, 1, np.zeros(2), ROUND1)
     with pytest.raises(ValueError, match="do not belong to StreamingFedAvg"):
         load_strategy_state(fedavg, strategy_state(fedadam))
+
+
+# --------------------------------------------------------------------------- evaluation schedule
+
+
+def test_evaluation_due_every_kth_round_and_always_the_last() -> None:
+    assert [r for r in range(8) if evaluation_due(r, every=3, last_round=7)] == [0, 3, 6, 7]
+    assert [r for r in range(6) if evaluation_due(r, every=1, last_round=5)] == [0, 1, 2, 3, 4, 5]
+    assert [r for r in range(5) if evaluation_due(r, every=10, last_round=4)] == [0, 4]
+    with pytest.raises(ValueError, match="server.eval_every must be >= 1, got 0"):
+        evaluation_due(1, every=0, last_round=3)
+    with pytest.raises(ValueError, match="server.eval_every"):
+        EvaluationSchedule(inner=FedAvg(), every=0, last_round=3)
+
+
+def test_evaluation_schedule_skips_the_evaluate_phase_inside_flower_start_loop() -> None:
+    """every=2 over 3 rounds: sites evaluate in rounds 2 and 3 only; training is unchanged."""
+    sent: list[tuple[int, str]] = []
+
+    def respond(message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        rnd = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
+        sent.append((rnd, message.metadata.message_type))
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return Message(RecordDict({"m": MetricRecord({"num-examples": 1, "acc": float(rnd)})}), reply_to=message)
+        w = np.array([float(node + rnd)])
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w)}), "m": MetricRecord({"num-examples": node})}),
+                       reply_to=message)
+
+    def run(every: int):  # type: ignore[no-untyped-def]
+        sent.clear()
+        strategy = EvaluationSchedule(inner=build_strategy(StrategyConfig(), num_sites=3), every=every, last_round=3)
+        result = strategy.start(grid=FakeGrid([1, 2, 3], respond),  # type: ignore[arg-type]
+                                initial_arrays=ArrayRecord({"w": Array(np.zeros(1))}), num_rounds=3)
+        return result, sorted(sent)
+
+    scheduled, sent_scheduled = run(2)
+    assert sent_scheduled == sorted([(r, MessageType.TRAIN) for r in (1, 2, 3) for _ in range(3)]
+                                    + [(r, MessageType.EVALUATE) for r in (2, 3) for _ in range(3)])
+    assert sorted(scheduled.evaluate_metrics_clientapp) == [2, 3]
+    assert dict(scheduled.evaluate_metrics_clientapp[3]) == {"acc": pytest.approx(3.0, rel=1e-12)}
+    every_round, sent_every = run(1)
+    assert len(sent_every) == 18 and sorted(every_round.evaluate_metrics_clientapp) == [1, 2, 3]
+    # the aggregated model is the same whether or not the sites evaluated: (1*4 + 2*5 + 3*6) / 6 in round 3
+    np.testing.assert_array_equal(scheduled.arrays["w"].numpy(), every_round.arrays["w"].numpy())
+    assert scheduled.arrays["w"].numpy().tolist() == [pytest.approx(32 / 6, rel=1e-12)]

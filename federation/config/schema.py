@@ -164,6 +164,9 @@ class ServerConfig(_Section):
 
     rounds: int = Field(5, ge=1, le=100000)
     central_eval: bool = Field(True, description="Evaluate the global model on the pooled test split each round.")
+    eval_every: int = Field(
+        1, ge=1, description="Evaluate (at the sites and centrally) every k-th round; the last round always."
+    )
     out_dir: str = Field("runs", description="Folder that receives one run directory per run.")
     run_name: str = Field("", description="Run directory name (empty: <name>-<timestamp>).")
     resume: str = Field("", description="Run directory to continue from its last completed round.")
