@@ -9,6 +9,7 @@ evaluation only in the rounds ``server.eval_every`` selects, and always the last
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,11 +19,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from federation.config import ConfigError, ExperimentConfig, from_flat
 from federation.data import dataset_info, load_central_test
 from federation.models import build_model
 from federation.training import evaluate, select_device
+from server.central_eval import CentralEvaluation, PrefetchCentralEvaluation
 from server.model_card import finish_run
 from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
@@ -72,26 +75,36 @@ def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
     )
 
 
+def _central_evaluation(config: ExperimentConfig, model: torch.nn.Module) -> CentralEvaluation | None:
+    """The coordinator's evaluation on the pooled test split (``server.central_eval``), or None."""
+    if not config.server.central_eval:
+        return None
+    test_set = load_central_test(config.data, seed=config.seed)
+    device = select_device(config.train.device)
+
+    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(model=model, dataset=test_set, device=device).metrics()
+
+    return CentralEvaluation(evaluate_global)
+
+
 def _round_end_hook(
     *,
     config: ExperimentConfig,
     run: RunDirectory,
-    model: torch.nn.Module,
+    central: CentralEvaluation | None,
     recorder: RecordingStrategy,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round."""
-    test_set = load_central_test(config.data, seed=config.seed) if config.server.central_eval else None
-    device = select_device(config.train.device)
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = recorder.true_round(server_round)
         if server_round == 0 and recorder.round_offset > 0:
             return None  # round 0 of a resumed run was recorded by the first process
         global_metrics: dict[str, float] = {}
-        if test_set is not None and evaluation_due(rnd, every=config.server.eval_every, last_round=config.server.rounds):
-            model.load_state_dict(arrays.to_torch_state_dict())
-            result = evaluate(model=model, dataset=test_set, device=device)
-            global_metrics = result.metrics()
+        if central is not None and evaluation_due(rnd, every=config.server.eval_every, last_round=config.server.rounds):
+            global_metrics = central.result(rnd, arrays)
         record = recorder.pop_round() if server_round > 0 else {"round": 0}
         record.update({"round": rnd, "global": global_metrics, "time": time.time() - run.started})
         run.append(ROUNDS_FILE, record)
@@ -107,6 +120,46 @@ def _round_end_hook(
         return MetricRecord(global_metrics) if global_metrics else None
 
     return on_round_end
+
+
+def _run_rounds(
+    *,
+    grid: Grid,
+    config: ExperimentConfig,
+    run: RunDirectory,
+    strategy: Strategy,
+    model: torch.nn.Module,
+    arrays: ArrayRecord,
+    done: int,
+) -> None:
+    """Drive Flower's ``Strategy.start()`` over the rounds still to do, recording each."""
+    due = functools.partial(evaluation_due, every=config.server.eval_every, last_round=config.server.rounds)
+    central = _central_evaluation(config, model)
+    guarded: Strategy = EvaluationSchedule(  # server.eval_every (the recorder passes the run's round numbers)
+        inner=QuorumStrategy(
+            inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)), min_replies=config.strategy.min_sites
+        ),
+        every=config.server.eval_every,
+        last_round=config.server.rounds,
+    )
+    if central is not None:  # the coordinator evaluates while the sites do
+        guarded = PrefetchCentralEvaluation(inner=guarded, central=central, due=due)
+    recorder = RecordingStrategy(guarded, run=run, round_offset=done)
+    try:
+        recorder.start(
+            grid=with_poll_interval(
+                grid, interval=config.server.poll_interval, simulation_interval=config.simulation.poll_interval
+            ),
+            initial_arrays=arrays,
+            num_rounds=config.server.rounds - done,
+            timeout=config.server.round_timeout,
+            train_config=ConfigRecord({"run-name": run.name}),
+            evaluate_config=ConfigRecord({"run-name": run.name}),
+            evaluate_fn=_round_end_hook(config=config, run=run, central=central, recorder=recorder),
+        )
+    finally:
+        if central is not None:
+            central.close()
 
 
 def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
@@ -139,28 +192,7 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
     if remaining <= 0:
         logger.info("run %s already completed %d of %d rounds", run.path, done, config.server.rounds)
     else:
-        recorder = RecordingStrategy(
-            EvaluationSchedule(  # server.eval_every: evaluation rounds (the recorder passes the run's round)
-                inner=QuorumStrategy(
-                    inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)),
-                    min_replies=config.strategy.min_sites,
-                ),
-                every=config.server.eval_every,
-                last_round=config.server.rounds,
-            ),
-            run=run,
-            round_offset=done,
-        )
-        round_config = ConfigRecord({"run-name": run.name})
-        recorder.start(
-            grid=with_poll_interval(grid, interval=config.server.poll_interval),
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=config.server.round_timeout,
-            train_config=round_config,
-            evaluate_config=ConfigRecord({"run-name": run.name}),
-            evaluate_fn=_round_end_hook(config=config, run=run, model=model, recorder=recorder),
-        )
+        _run_rounds(grid=grid, config=config, run=run, strategy=strategy, model=model, arrays=arrays, done=done)
     summary: dict[str, Any] = build_summary(run=run, config=config)
     run.write_summary(summary)
     try:  # exported model, clinical report, model card; the run's records are already safe on disk

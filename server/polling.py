@@ -1,12 +1,15 @@
-"""Collect site replies sooner than Flower 1.42's fixed 3-second poll.
+"""Collect site replies sooner than Flower 1.42's fixed polls.
 
 In deployment the ServerApp talks to the SuperLink through ``HttpGrid``, whose
 ``send_and_receive`` pushes the round's messages and then pulls replies with a
 hard-coded ``time.sleep(3)`` between pulls: every round phase (train, evaluate)
-ends up to 3 s after the last site replied. :class:`PollingGrid` wraps any Grid
-and reimplements only ``send_and_receive`` on the Grid's public
-``push_messages``/``pull_messages`` with a configurable interval
-(``server.poll_interval``); everything else is delegated unchanged.
+ends up to 3 s after the last site replied. In simulation Flower's
+``InMemoryGrid`` pulls every 0.1 s, which rounds every phase up to the next
+0.1 s (0.05 s per phase on average, ~4 % of a steady 10-site round on two cores).
+:class:`PollingGrid` wraps any Grid and reimplements only ``send_and_receive`` on
+the Grid's public ``push_messages``/``pull_messages`` with a configurable interval
+(``server.poll_interval`` in deployment, ``simulation.poll_interval`` in
+simulation); everything else is delegated unchanged.
 """
 
 from __future__ import annotations
@@ -88,14 +91,21 @@ class PollingGrid(Grid):
         return getattr(self.inner, name)
 
 
-def with_poll_interval(grid: Grid, *, interval: float) -> Grid:
-    """``grid`` polling every ``interval`` s; unchanged when ``interval`` is 0 or in simulation.
+def with_poll_interval(grid: Grid, *, interval: float, simulation_interval: float) -> Grid:
+    """``grid`` polling every ``interval`` s, or ``simulation_interval`` s for Flower's in-memory grid.
 
-    Flower's in-memory simulation grid already polls every 0.1 s, so only the
-    deployment (HTTP) grid is wrapped.
+    Args:
+        grid: The Grid Flower gave the ServerApp.
+        interval: Seconds between pulls in deployment (``server.poll_interval``; 0 keeps Flower's 3 s).
+        simulation_interval: Seconds between pulls in simulation (``simulation.poll_interval``;
+            0 keeps Flower's 0.1 s).
+
+    Returns:
+        ``grid`` itself when its interval is 0 or it is already wrapped, else a :class:`PollingGrid`.
     """
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # noqa: PLC0415 - private module, pinned flwr
 
-    if interval <= 0 or isinstance(grid, (InMemoryGrid, PollingGrid)):
+    chosen = simulation_interval if isinstance(grid, InMemoryGrid) else interval
+    if chosen <= 0 or isinstance(grid, PollingGrid):
         return grid
-    return PollingGrid(grid, interval=interval)
+    return PollingGrid(grid, interval=chosen)

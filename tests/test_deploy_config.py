@@ -162,16 +162,20 @@ def test_polling_grid_collects_replies_soon_and_honours_the_timeout() -> None:
         PollingGrid(fake, interval=0)  # type: ignore[arg-type]
 
 
-def test_simulation_grid_is_left_alone() -> None:
+def test_each_grid_gets_its_own_interval() -> None:
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     from server.polling import PollingGrid, with_poll_interval
 
-    sim = InMemoryGrid.__new__(InMemoryGrid)
-    assert with_poll_interval(sim, interval=0.5) is sim
-    other = _FakeGrid(0.0)
-    assert with_poll_interval(other, interval=0) is other  # type: ignore[arg-type]
-    assert isinstance(with_poll_interval(other, interval=0.5), PollingGrid)  # type: ignore[arg-type]
+    sim = InMemoryGrid.__new__(InMemoryGrid)  # Flower's simulation grid (0.1 s polls)
+    wrapped = with_poll_interval(sim, interval=0.5, simulation_interval=0.01)
+    assert isinstance(wrapped, PollingGrid) and wrapped.inner is sim and wrapped.interval == 0.01
+    assert with_poll_interval(sim, interval=0.5, simulation_interval=0) is sim
+    assert with_poll_interval(wrapped, interval=0.5, simulation_interval=0.01) is wrapped
+    other = _FakeGrid(0.0)  # a deployment grid
+    assert with_poll_interval(other, interval=0, simulation_interval=0.01) is other  # type: ignore[arg-type]
+    deployed = with_poll_interval(other, interval=0.5, simulation_interval=0.01)  # type: ignore[arg-type]
+    assert isinstance(deployed, PollingGrid) and deployed.interval == 0.5
 
 
 def test_fast_supernode_caps_only_the_supernode_sleeps() -> None:

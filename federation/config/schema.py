@@ -239,6 +239,9 @@ class SimulationConfig(_Section):
     data_cache_mb: int = Field(
         2048, ge=0, description="Site data kept per worker process between rounds, in MB (0 = reload every round)."
     )
+    poll_interval: float = Field(
+        0.01, ge=0.0, description="Seconds between the ServerApp's pulls for site replies (0 = Flower's 0.1 s)."
+    )
 
 
 class FaultsConfig(_Section):
