@@ -26,15 +26,7 @@ def test_epsilon_is_pinned_and_matches_the_gaussian_rdp_closed_form() -> None:
     assert central_epsilon(noise_multipliers=[], delta=1e-5) == 0.0
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The identity a ServerApp gets at start-up (Flower reads it when a Message is created)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # see conftest.py
 
 
 class _Grid:

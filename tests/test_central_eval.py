@@ -8,8 +8,6 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import StrategyConfig
 from server.central_eval import CentralEvaluation, PrefetchCentralEvaluation
@@ -55,14 +53,6 @@ def test_unstarted_or_stale_evaluation_runs_on_the_given_model(central: tuple[Ce
     assert recorder.calls[-1][1] == threading.current_thread().name
     evaluation.start(2, _arrays(0.6))
     assert evaluation.result(2, _arrays(0.7)) == {"auc": 0.7}, "never the result of another model"
-
-
-@pytest.fixture
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower reads the task identity when a ServerApp creates a Message (set by its runtime)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 class _Grid:

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -26,7 +25,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import StrategyConfig
 from strategies.reddi import FedAdamReddi
@@ -126,17 +124,7 @@ class FakeGrid:
         return [self.respond(message) for message in messages]
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give this process the identity a ServerApp gets at start-up.
-
-    Flower 1.42 reads ``TaskIdentity.run_id/node_id/task_id`` when an instruction
-    Message is created (``Message(content, dst_node_id=..., message_type=...)``),
-    which the runtime sets before ``main``; in-process tests must set it themselves.
-    """
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # see conftest.py
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation.config import StrategyConfig
 from strategies import build_strategy
@@ -29,12 +27,7 @@ from strategies.streaming import (
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (2, 72), "fc.bias": (2,), "scale": ()}
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower reads the task identity when an instruction Message is created."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # see conftest.py
 
 
 def _content(rng: np.random.Generator, *, weight: float, dtype=np.float32, shapes=SHAPES) -> RecordDict:

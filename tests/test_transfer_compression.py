@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.guard import TRAIN_METRICS, OutboundViolation, check_reply
 from client.transfer import update_record
@@ -22,11 +20,7 @@ from strategies.streaming import StreamingFedAvg
 SHAPES = {"conv.weight": (6, 1, 3, 3), "conv.bias": (6,), "fc.weight": (2, 24), "fc.bias": (2,)}
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # see conftest.py
 
 
 def _weights(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
