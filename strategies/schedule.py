@@ -2,8 +2,8 @@
 
 A federation of hundreds of rounds rarely needs the sites' and the coordinator's
 evaluation after each one: on the synthetic 10-site preset the per-site evaluation
-phase and the central evaluation are about a fifth of a steady round
-(docs/BENCHMARKS.md, P1). :class:`EvaluationSchedule` sends no evaluation
+phase and the central evaluation were about a quarter of a steady round
+(docs/BENCHMARKS.md, P1 session 6). :class:`EvaluationSchedule` sends no evaluation
 instructions in the rounds between, so those rounds have no evaluation phase at
 all; the last round of the run is always evaluated, so the final metrics, the
 summary and the clinical report describe the final model as before. Round
