@@ -91,19 +91,19 @@ def _central_evaluation(config: ExperimentConfig, model: torch.nn.Module) -> Cen
 
 def _round_end_hook(
     *,
-    config: ExperimentConfig,
     run: RunDirectory,
     central: CentralEvaluation | None,
+    due: Callable[[int], bool],
     recorder: RecordingStrategy,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round."""
+    """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round (``due``: evaluated rounds)."""
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = recorder.true_round(server_round)
         if server_round == 0 and recorder.round_offset > 0:
             return None  # round 0 of a resumed run was recorded by the first process
         global_metrics: dict[str, float] = {}
-        if central is not None and evaluation_due(rnd, every=config.server.eval_every, last_round=config.server.rounds):
+        if central is not None and due(rnd):
             global_metrics = central.result(rnd, arrays)
         record = recorder.pop_round() if server_round > 0 else {"round": 0}
         record.update({"round": rnd, "global": global_metrics, "time": time.time() - run.started})
@@ -155,7 +155,7 @@ def _run_rounds(
             timeout=config.server.round_timeout,
             train_config=ConfigRecord({"run-name": run.name}),
             evaluate_config=ConfigRecord({"run-name": run.name}),
-            evaluate_fn=_round_end_hook(config=config, run=run, central=central, recorder=recorder),
+            evaluate_fn=_round_end_hook(run=run, central=central, due=due, recorder=recorder),
         )
     finally:
         if central is not None:
