@@ -9,7 +9,6 @@ evaluation only in the rounds ``server.eval_every`` selects, and always the last
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ from strategies import (
     EvaluationSchedule,
     QuorumStrategy,
     build_strategy,
-    evaluation_due,
     load_strategy_state,
     strategy_state,
 )
@@ -133,17 +131,18 @@ def _run_rounds(
     done: int,
 ) -> None:
     """Drive Flower's ``Strategy.start()`` over the rounds still to do, recording each."""
-    due = functools.partial(evaluation_due, every=config.server.eval_every, last_round=config.server.rounds)
-    central = _central_evaluation(config, model)
-    guarded: Strategy = EvaluationSchedule(  # server.eval_every (the recorder passes the run's round numbers)
+    schedule = EvaluationSchedule(  # server.eval_every (the recorder passes the run's round numbers)
         inner=QuorumStrategy(
             inner=AlignedMetricKeys(inner=OrderedReplies(inner=strategy)), min_replies=config.strategy.min_sites
         ),
         every=config.server.eval_every,
         last_round=config.server.rounds,
     )
+    due = schedule.due  # one definition of the evaluated rounds, for the sites and the coordinator
+    central = _central_evaluation(config, model)
+    guarded: Strategy = schedule
     if central is not None:  # the coordinator evaluates while the sites do
-        guarded = PrefetchCentralEvaluation(inner=guarded, central=central, due=due)
+        guarded = PrefetchCentralEvaluation(inner=schedule, central=central, due=due)
     recorder = RecordingStrategy(guarded, run=run, round_offset=done)
     try:
         recorder.start(
