@@ -54,6 +54,26 @@ def write_app_dir(directory: Path, config: ExperimentConfig) -> Path:
     return directory
 
 
+#: Ray keeps task arguments and results up to this size inline in its RPCs; larger
+#: ones go through its shared-memory object store, a put and a fetch via the raylet
+#: each way. Ray's default (100 KiB) is smaller than one model message of the default
+#: CNN (~0.3 MB), so every message paid that detour: ~7 ms more between one message
+#: and the next on a site worker (10 vs 17 ms, measured on the 2-core dev box).
+#: 8 MiB keeps messages of models up to ~2 M fp32 parameters inline (within Ray's
+#: 10 MiB per-task inline limit); larger models use the object store as before.
+INLINE_OBJECT_BYTES = 8 * 1024 * 1024
+
+
+def ray_environment() -> dict[str, str]:
+    """Ray settings the harness sets (a variable already in the environment wins)."""
+    return {
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_max_direct_call_object_size": str(INLINE_OBJECT_BYTES),
+    }
+
+
 def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     return {
@@ -78,9 +98,8 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         verbose: Show Flower's and Ray's logs.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    for name, value in ray_environment().items():  # read by Ray's processes when they start
+        os.environ.setdefault(name, value)
     import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
