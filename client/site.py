@@ -198,24 +198,49 @@ def train_round(
     budget (see :func:`client.admission.admit_train_round`). The site's ledger
     records the epsilon reserved before and spent after training.
     """
-    from federation.privacy import PrivacyBudgetExhausted  # noqa: PLC0415 - Opacus: only where a site trains
-    from federation.training import model_state, train_local  # noqa: PLC0415
     from federation.training.schedule import with_site_schedule  # noqa: PLC0415
 
     inject_fault(config, settings, server_round=server_round)  # simulated faults only
     data = load_data(config, settings)
     config = with_site_schedule(config, num_examples=len(data.train), server_round=server_round)  # steps, lr
-    model = _build(config, data, dp=config.privacy.enabled)
-    model.load_state_dict(dict(global_weights))
-    privacy = load_privacy(config, settings, num_examples=len(data.train))
-    ledger = PrivacyLedger.open(settings.state_dir)
-    admission = admit_train_round(
-        policy=policy, ledger=ledger, config=config, privacy=privacy, run=settings.run_name,
-        server_round=server_round, run_id=run_id,
-    )
-    if admission.refusal is not None:
-        logger.warning("site %s refuses round %d: %s", settings.name, server_round, admission.refusal)
-        return TrainOutcome(weights=None, metrics={}, refusal=admission.refusal, admission=admission)
+    model = _build(config, data, dp=config.privacy.enabled)  # checked for DP-SGD before any epsilon is reserved
+    try:
+        model.load_state_dict(dict(global_weights))
+        privacy = load_privacy(config, settings, num_examples=len(data.train))
+        ledger = PrivacyLedger.open(settings.state_dir)
+        admission = admit_train_round(
+            policy=policy, ledger=ledger, config=config, privacy=privacy, run=settings.run_name,
+            server_round=server_round, run_id=run_id,
+        )
+        if admission.refusal is not None:
+            logger.warning("site %s refuses round %d: %s", settings.name, server_round, admission.refusal)
+            return TrainOutcome(weights=None, metrics={}, refusal=admission.refusal, admission=admission)
+        return _train_admitted(
+            model, config=config, settings=settings, data=data, privacy=privacy, ledger=ledger, admission=admission,
+            global_weights=global_weights, server_round=server_round, proximal_mu=proximal_mu, run_id=run_id,
+        )
+    finally:
+        release_model(model)  # refused or failed rounds too: the next request reuses it
+
+
+def _train_admitted(
+    model: torch.nn.Module,
+    *,
+    config: ExperimentConfig,
+    settings: SiteSettings,
+    data: SiteData,
+    privacy: SitePrivacy | None,
+    ledger: PrivacyLedger,
+    admission: Admission,
+    global_weights: Mapping[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float,
+    run_id: int | None,
+) -> TrainOutcome:
+    """Train an admitted round on a checked-out model and record what it spent."""
+    from federation.privacy import PrivacyBudgetExhausted  # noqa: PLC0415 - Opacus: only where a site trains
+    from federation.training import model_state, train_local  # noqa: PLC0415
+
     try:
         result = train_local(
             model=model,
@@ -248,7 +273,6 @@ def train_round(
     }
     weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=model_state(model),
                                server_round=server_round)  # simulated update attacks only
-    release_model(model)
     return TrainOutcome(weights=weights, metrics=metrics, admission=admission)
 
 

@@ -129,3 +129,25 @@ def test_reused_data_and_model_give_bit_identical_rounds(tmp_path: Path, dp: boo
         assert m_ref == m_new
         assert e_ref == e_new
     assert len(cache._models) == 1  # one architecture, one idle model after the rounds
+
+
+def test_refused_and_failed_rounds_hand_the_model_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import federation.training as training
+
+    torch.manual_seed(0)
+    tight = _config(tmp_path, "privacy.target_epsilon=0.01")  # one round at noise 1.0 spends far more
+    settings = site_settings(node_config={"partition-id": 0, "num-partitions": 2}, config=tight, run_name="refused")
+    weights = build_model(tight.model, in_channels=1, num_classes=2, dp=True).state_dict()
+    outcome = train_round(config=tight, settings=settings, global_weights=weights, server_round=1)
+    assert outcome.refusal is not None and outcome.refusal.startswith("run-budget")
+    assert len(cache._models) == 1  # the refused round's model is idle again, not leaked
+    idle = next(iter(cache._models.values()))
+
+    config = _config(tmp_path)
+    settings = site_settings(node_config={"partition-id": 0, "num-partitions": 2}, config=config, run_name="failing")
+    def broken(**kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(training, "train_local", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_round(config=config, settings=settings, global_weights=weights, server_round=1)
+    assert list(cache._models.values()) == [idle]  # the same model was lent to the failed round and came back
