@@ -121,3 +121,63 @@ def test_weighted_mean_bad_input() -> None:
         weighted_mean([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="non-negative"):
         weighted_mean([1.0, 2.0], [1.0, -1.0])
+
+
+# ------------------------------------------ the numpy metrics against their references
+
+
+def _ties(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 7, size=n) / 6.0  # seven distinct values: many ties
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auc_equals_sklearn_binary_and_multiclass_with_ties(seed: int) -> None:
+    from sklearn.metrics import roc_auc_score as reference
+    from sklearn.preprocessing import label_binarize
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    y = rng.integers(0, 2, size=n)
+    y[:2] = [0, 1]
+    p1 = _ties(rng, n) if seed % 2 else rng.random(n)
+    metrics = classification_metrics(labels=y, probs=np.stack([1 - p1, p1], axis=1))
+    assert metrics["auc"] == pytest.approx(reference(y, p1), abs=1e-12)
+    assert metrics["accuracy"] == np.mean(y == (p1 > 0.5))  # argmax picks class 0 on a tie
+
+    k = 4
+    logits = rng.normal(size=(n, k)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, k, size=n)
+    y[:k] = np.arange(k)
+    expected = reference(y, probs / probs.sum(axis=1, keepdims=True), multi_class="ovr", average="macro")
+    assert classification_metrics(labels=y, probs=probs)["auc"] == pytest.approx(expected, abs=1e-12)
+    y[y == 2] = 0  # class 2 absent: macro over the classes present
+    present = np.array([0, 1, 3])
+    onehot = label_binarize(y, classes=np.arange(k))
+    expected = reference(onehot[:, present], (probs / probs.sum(axis=1, keepdims=True))[:, present], average="macro")
+    assert classification_metrics(labels=y, probs=probs)["auc"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_points_brier_and_wilson_equal_their_references(seed: int) -> None:
+    from scipy.stats import binomtest
+    from sklearn.metrics import brier_score_loss, roc_curve
+
+    from federation.metrics.calibration import brier_score
+    from federation.metrics.clinical import roc_curve_points
+    from federation.metrics.intervals import wilson_interval
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 60))
+    y = rng.integers(0, 2, size=n)
+    y[:2] = [0, 1]
+    scores = _ties(rng, n) if seed % 2 else rng.random(n)
+    fpr, tpr = roc_curve_points(y, scores)
+    ref_fpr, ref_tpr, _ = roc_curve(y, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tpr, ref_tpr, rtol=0, atol=1e-15)
+    assert brier_score(y, scores) == pytest.approx(brier_score_loss(y, scores), abs=1e-15)
+    for k in {0, 1, n // 3, n - 1, n}:
+        for confidence in (0.8, 0.95, 0.99):
+            ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+            assert wilson_interval(k, n, confidence=confidence) == pytest.approx((ci.low, ci.high), abs=1e-12)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (sklearn-backed) and their aggregation over sites.
+"""Evaluation metrics (numpy, pinned against scikit-learn and SciPy by tests) and their aggregation over sites.
 
 * :mod:`federation.metrics.classification` - AUC, accuracy, NaN-safe weighted means.
 * :mod:`federation.metrics.clinical` - a site's clinical report as aggregate numbers

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from federation.config.schema import parse_age_edges
 from federation.metrics.calibration import brier_score, expected_calibration_error, reliability_bins
@@ -105,18 +104,34 @@ def binary_task(labels: np.ndarray, probs: np.ndarray, *, positive_class: int) -
     return (y == positive_class).astype(np.int64), np.clip(p[:, positive_class], 0.0, 1.0)
 
 
+def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, tpr)`` at every distinct score, from (0, 0): sklearn's ``roc_curve(..., drop_intermediate=False)``.
+
+    Both classes must be present.
+    """
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last sample of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
 def roc_grid(labels: np.ndarray, scores: np.ndarray, *, points: int = ROC_POINTS) -> np.ndarray:
     """Highest TPR reachable with FPR <= x, for x on ``linspace(0, 1, points)``.
 
-    From :func:`sklearn.metrics.roc_curve`; a fixed-size summary of the ROC curve
-    that reveals no single score. ``nan`` everywhere when a class is absent.
+    A fixed-size summary of the ROC curve (:func:`roc_curve_points`) that reveals no
+    single score. ``nan`` everywhere when a class is absent.
     """
     y = np.asarray(labels).reshape(-1)
     if y.size == 0 or y.min() == y.max():
         return np.full(points, math.nan)
-    fpr, tpr, _ = roc_curve(y, scores, drop_intermediate=False)
+    fpr, tpr = roc_curve_points(y, scores)
     grid = np.linspace(0.0, 1.0, points)
-    return np.array([float(tpr[fpr <= x + 1e-12].max()) for x in grid])
+    # both rates only grow along the curve: the best point is the last with fpr <= x
+    return tpr[np.searchsorted(fpr, grid + 1e-12, side="right") - 1].astype(np.float64)
 
 
 def _rate(name: str, k: int, n: int, confidence: float) -> dict[str, float]:
