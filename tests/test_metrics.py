@@ -126,8 +126,14 @@ def test_weighted_mean_bad_input() -> None:
 # ------------------------------------------ the numpy metrics against their references
 
 
-def _ties(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 7, size=n) / 6.0  # seven distinct values: many ties
+def _binary_case(seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """Random 0/1 labels (both present) and scores; odd seeds give scores with many ties."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    y = rng.integers(0, 2, size=n)
+    y[:2] = [0, 1]
+    scores = rng.integers(0, 7, size=n) / 6.0 if seed % 2 else rng.random(n)
+    return rng, y, scores
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -135,11 +141,8 @@ def test_auc_equals_sklearn_binary_and_multiclass_with_ties(seed: int) -> None:
     from sklearn.metrics import roc_auc_score as reference
     from sklearn.preprocessing import label_binarize
 
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 80))
-    y = rng.integers(0, 2, size=n)
-    y[:2] = [0, 1]
-    p1 = _ties(rng, n) if seed % 2 else rng.random(n)
+    rng, y, p1 = _binary_case(seed)
+    n = y.size
     metrics = classification_metrics(labels=y, probs=np.stack([1 - p1, p1], axis=1))
     assert metrics["auc"] == pytest.approx(reference(y, p1), abs=1e-12)
     assert metrics["accuracy"] == np.mean(y == (p1 > 0.5))  # argmax picks class 0 on a tie
@@ -167,11 +170,8 @@ def test_roc_points_brier_and_wilson_equal_their_references(seed: int) -> None:
     from federation.metrics.clinical import roc_curve_points
     from federation.metrics.intervals import wilson_interval
 
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(4, 60))
-    y = rng.integers(0, 2, size=n)
-    y[:2] = [0, 1]
-    scores = _ties(rng, n) if seed % 2 else rng.random(n)
+    _, y, scores = _binary_case(seed)
+    n = y.size
     fpr, tpr = roc_curve_points(y, scores)
     ref_fpr, ref_tpr, _ = roc_curve(y, scores, drop_intermediate=False)
     np.testing.assert_allclose(fpr, ref_fpr, rtol=0, atol=1e-15)
