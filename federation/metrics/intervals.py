@@ -52,9 +52,9 @@ def wilson_interval(successes: int, total: int, *, confidence: float = 0.95) -> 
         raise ValueError(f"need 0 <= successes <= total, got successes={successes}, total={total}")
     if n == 0:
         return NAN_INTERVAL
-    z2 = _z(confidence) ** 2
-    center = (k + z2 / 2.0) / (n + z2)
-    half = math.sqrt(z2) / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4.0)
+    z = _z(confidence)
+    center = (k + z * z / 2.0) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4.0)
     return max(0.0, center - half), min(1.0, center + half)
 
 
@@ -104,6 +104,9 @@ def delong_placements(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
 def mann_whitney_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney statistic (ties count one half): sklearn's ``roc_auc_score``.
 
+    The mean of the DeLong placements (:func:`delong_placements`), so the AUC and
+    its interval share one definition.
+
     Args:
         labels: 0/1 (or boolean) labels ``(N,)``.
         scores: Finite scores ``(N,)``; higher means more likely positive.
@@ -111,13 +114,8 @@ def mann_whitney_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     Returns:
         The AUC; ``nan`` when either class is absent.
     """
-    y = np.asarray(labels).reshape(-1).astype(bool)
-    m = int(y.sum())
-    n = y.size - m
-    if m == 0 or n == 0:
-        return math.nan
-    ranks = rankdata(np.asarray(scores, dtype=np.float64).reshape(-1))
-    return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
+    v10, _ = delong_placements(labels, scores)
+    return float(v10.mean()) if v10.size else math.nan
 
 
 def delong_auc_interval(labels: np.ndarray, scores: np.ndarray, *, confidence: float = 0.95) -> AucInterval:
