@@ -22,7 +22,7 @@ from client.site_cli import site_app
 from deploy.cli import deploy_app
 from federation.config import ConfigError, to_yaml, valid_keys
 from simulations.clinical_cli import register_clinical_commands, simulation_gallery
-from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate
+from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate, start_simulation
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
 from simulations.sweep import failure_reason
@@ -81,8 +81,8 @@ def simulate_command(
     _setup_logging(verbose)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        resolved = resolve_config(
-            config_path=config, overrides=set_ or [], resume=str(resume) if resume else None
+        resolved = start_simulation(
+            config_path=config, overrides=set_ or [], resume=str(resume) if resume else None, verbose=verbose
         )
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))

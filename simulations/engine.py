@@ -23,9 +23,12 @@ exercised by the integration tests.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,15 @@ def ray_environment() -> dict[str, str]:
     }
 
 
+def _init_args(*, verbose: bool) -> dict[str, Any]:
+    return {
+        "num_cpus": os.cpu_count() or 1,
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+        "include_dashboard": False,
+    }
+
+
 def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     return {
@@ -88,13 +100,53 @@ def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any
             "num_cpus": min(config.simulation.cpus_per_site, cpus),
             "num_gpus": config.simulation.gpus_per_site,
         },
-        "init_args": {
-            "num_cpus": cpus,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
+        "init_args": _init_args(verbose=verbose),
     }
+
+
+def _set_environment() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    for name, value in ray_environment().items():  # read by Ray's processes when they start
+        os.environ.setdefault(name, value)
+
+
+def _preload(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the run's own import raises it where it is needed
+            logger.debug("preloading %s failed; left to the run's own import", name, exc_info=True)
+
+
+def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
+    """Start Ray now, exactly as Flower's Ray backend would, while ``preload`` is imported.
+
+    Flower's backend starts Ray only if it is not running yet (with the same
+    settings :func:`run_engine` gives it), so a run started after this uses this
+    Ray. Starting it early lets Ray's own processes (GCS, raylet, agents: ~6 CPU-s
+    on the 2-core dev box) come up on the second core while another thread imports
+    ``preload`` (torch, MONAI, Opacus: ~6.5 s on the first), instead of after it
+    (docs/BENCHMARKS.md, P1). Call it from the main thread: Ray's processes end with
+    the thread that started them. ``preload`` must not import Ray or Flower, which
+    this thread imports meanwhile (two threads importing one package can deadlock).
+    """
+    _set_environment()
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # noqa: PLC0415
+
+    loader = threading.Thread(target=_preload, args=(tuple(preload),), name="medfed-preload", daemon=True)
+    loader.start()
+    try:
+        RayBackend({"init_args": _init_args(verbose=verbose)})  # its constructor starts Ray, nothing else
+    finally:
+        loader.join()
+
+
+def stop_ray() -> None:
+    """Shut Ray down if it runs (a run that failed its checks after :func:`start_ray`)."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
@@ -104,9 +156,7 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         config: A resolved config (absolute paths, fixed run name).
         verbose: Show Flower's and Ray's logs.
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    for name, value in ray_environment().items():  # read by Ray's processes when they start
-        os.environ.setdefault(name, value)
+    _set_environment()
     import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation

@@ -12,7 +12,7 @@ from pathlib import Path
 from federation.config import ConfigError, ExperimentConfig, load_config
 from federation.data import resolve_data_dir
 from server.run_dir import CONFIG_FILE, ROUNDS_FILE, default_run_name
-from simulations.engine import run_engine
+from simulations.engine import run_engine, start_ray, stop_ray
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,49 @@ def resolve_config(
     With ``resume``, the config stored in that run directory is the base and the
     overrides apply on top (e.g. ``server.rounds=10`` to extend a run).
     """
+    config, source = _read_config(config_path=config_path, overrides=overrides, resume=resume)
+    return config if source is None else _complete_config(config, source)
+
+
+def start_simulation(
+    *,
+    config_path: str | None = None,
+    overrides: Iterable[str] = (),
+    resume: str | None = None,
+    verbose: bool = False,
+) -> ExperimentConfig:
+    """:func:`resolve_config` for a run that starts right away; Ray starts meanwhile.
+
+    The config file, keys and types are checked first, so a typo fails before
+    anything starts. Then Ray's processes start while another thread imports the
+    federation core (torch, MONAI, Opacus), which the scenario checks and the run
+    need anyway: on two cores the two overlap instead of adding up (~4 s of a
+    run's start-up on the dev box, docs/BENCHMARKS.md P1). A config that fails the
+    scenario checks stops Ray again before the error is raised.
+    """
+    config, source = _read_config(config_path=config_path, overrides=overrides, resume=resume)
+    start_ray(verbose=verbose, preload=CORE_MODULES)
+    try:
+        return config if source is None else _complete_config(config, source)
+    except BaseException:
+        stop_ray()
+        raise
+
+
+#: The federation core a run imports before its sites start (no Ray, no Flower: see :func:`start_ray`).
+CORE_MODULES = (
+    "federation.models",
+    "federation.data",
+    "federation.training",
+    "federation.privacy",
+    "federation.metrics",
+)
+
+
+def _read_config(
+    *, config_path: str | None, overrides: Iterable[str], resume: str | None
+) -> tuple[ExperimentConfig, str | None]:
+    """The config as read and validated by type; the source to name in scenario errors (None: resumed)."""
     overrides = list(overrides)
     if resume:
         run_dir = Path(resume).expanduser().resolve()
@@ -50,14 +93,18 @@ def resolve_config(
         server = config.server.model_copy(
             update={"resume": str(run_dir), "out_dir": str(run_dir.parent), "run_name": run_dir.name}
         )
-        return config.model_copy(update={"server": server})
+        return config.model_copy(update={"server": server}), None
     source = preset_path(config_path or DEFAULT_PRESET)
-    config = load_config(source, overrides)
+    return load_config(source, overrides), f"{source}{' with --set overrides' if overrides else ''}"
+
+
+def _complete_config(config: ExperimentConfig, source: str) -> ExperimentConfig:
+    """A new run's config after the scenario checks, with absolute paths and its run name."""
     from simulations.scenario import scenario_problems  # noqa: PLC0415 - registries (torch): not for `medfed --help`
 
     problems = scenario_problems(config)  # faults/attack/quantity/shift settings that span sections
     if problems:
-        raise ConfigError(problems, source=f"{source}{' with --set overrides' if overrides else ''}")
+        raise ConfigError(problems, source=source)
     data = config.data.model_copy(update={"data_dir": str(resolve_data_dir(config.data.data_dir))})
     server = config.server.model_copy(
         update={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -35,3 +36,49 @@ def test_messages_of_the_default_model_travel_inline() -> None:
 def test_models_over_the_limit_use_the_object_store() -> None:
     # ResNet-18 (~11 M parameters, ~45 MB of fp32 weights) goes through Ray's object store, as before
     assert _train_message_bytes("synthetic", ["model.name=resnet18"]) > INLINE_OBJECT_BYTES
+
+
+@pytest.mark.integration
+def test_a_config_typo_fails_before_ray_starts(tmp_path) -> None:
+    import ray
+
+    from federation.config import ConfigError
+    from simulations.harness import start_simulation
+
+    with pytest.raises(ConfigError, match="train.lrr"):
+        start_simulation(overrides=["train.lrr=0.1", f"server.out_dir={tmp_path}"])
+    assert not ray.is_initialized()
+
+
+@pytest.mark.integration
+def test_a_scenario_error_stops_the_ray_it_started(tmp_path) -> None:
+    import ray
+
+    from federation.config import ConfigError
+    from simulations.harness import start_simulation
+
+    with pytest.raises(ConfigError, match="model.name"):
+        start_simulation(overrides=["model.name=no-such-net", f"server.out_dir={tmp_path}"])
+    assert not ray.is_initialized()
+
+
+@pytest.mark.integration
+def test_the_run_uses_the_ray_started_while_the_core_loaded(tmp_path, monkeypatch) -> None:
+    import os
+
+    import ray
+
+    from simulations.harness import simulate, start_simulation
+
+    config = start_simulation(overrides=[
+        "data.num_sites=2", "data.num_samples=96", "model.width=4", "train.batch_size=16",
+        "strategy.min_sites=2", "server.rounds=1", "privacy.noise_multiplier=1.0",
+        "privacy.target_epsilon=1000", f"server.out_dir={tmp_path}", "server.run_name=early-ray",
+    ])
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == (os.cpu_count() or 1)
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))  # Flower's backend must not start another
+    run_dir = simulate(config)
+    assert calls == []
+    assert not ray.is_initialized()  # the run shut it down
+    assert [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] == [0, 1]  # initial model, round 1
