@@ -16,19 +16,24 @@ So the harness drives the same engine entry point that Flower's own
   SuperNode would from a FAB;
 * the very ``client.app:app`` and ``server.app:app`` objects a deployment runs.
 
+One private piece of the engine is replaced for the run: the loop that hands the
+ServerApp's instructions to the site workers looks for them as soon as they are
+stored instead of every 0.1 s (:func:`enqueue_on_push`).
+
 Ray is shut down when the run ends, so nothing is left running. The private
-entry point is pinned by the ``flwr`` version range in pyproject.toml and
-exercised by the integration tests.
+entry points are pinned by the ``flwr`` version range in pyproject.toml and
+exercised by tests/test_engine.py and the integration tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +154,53 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+#: Longest wait between two looks for new instructions (Flower's own tick).
+PUSH_WAIT_S = 0.1
+
+
+def enqueue_on_push(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+    """Flower's ``add_messages_to_queue``, woken by the ServerApp's push instead of a tick.
+
+    Flower's engine looks for new instructions every 0.1 s, so each phase of a round
+    (train, evaluate) started 0.05 s late on average: ~0.1 s of a 2.4 s round of the
+    default preset on the dev box. This loop does what Flower's does (one instruction
+    per node per look, marked delivered by the link state) but also looks as soon as
+    the ServerApp stores an instruction; without one it waits ``PUSH_WAIT_S`` as
+    before, and it ends on ``f_stop`` as before.
+    """
+    pushed = threading.Event()
+    store = state.store_message_ins
+
+    def store_and_wake(message: Any) -> Any:
+        message_id = store(message)
+        pushed.set()
+        return message_id
+
+    state.store_message_ins = store_and_wake  # the grid stores through this same state object
+    try:
+        while not f_stop.is_set():
+            pushed.clear()  # a push from here on wakes the next wait
+            for node_id in nodes_mapping.keys():
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            pushed.wait(PUSH_WAIT_S)
+    finally:
+        del state.store_message_ins
+
+
+@contextlib.contextmanager
+def _prompt_dispatch() -> Iterator[None]:
+    """Use :func:`enqueue_on_push` in Flower's engine for one run (pinned by tests/test_engine.py)."""
+    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
+
+    original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = enqueue_on_push
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
 def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
     """Run one simulated federation to completion; returns when Ray has stopped.
 
@@ -183,19 +235,20 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="medfed-app-") as tmp:
         app_dir = write_app_dir(Path(tmp), config)
         try:
-            _run_simulation(
-                num_supernodes=config.data.num_sites,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app,
-                server_app=server_app,
-                backend_name="ray",
-                backend_config=_backend_config(config, verbose=verbose),
-                server_app_context=context,
-                app_dir=str(app_dir),
-                run=run,
-                is_app=True,  # makes every SuperNode fuse its run config from app_dir
-                verbose_logging=verbose,
-            )
+            with _prompt_dispatch():
+                _run_simulation(
+                    num_supernodes=config.data.num_sites,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app,
+                    server_app=server_app,
+                    backend_name="ray",
+                    backend_config=_backend_config(config, verbose=verbose),
+                    server_app_context=context,
+                    app_dir=str(app_dir),
+                    run=run,
+                    is_app=True,  # makes every SuperNode fuse its run config from app_dir
+                    verbose_logging=verbose,
+                )
         finally:
             if ray.is_initialized():
                 ray.shutdown()

@@ -78,7 +78,81 @@ def test_the_run_uses_the_ray_started_while_the_core_loaded(tmp_path, monkeypatc
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == (os.cpu_count() or 1)
     calls = []
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))  # Flower's backend must not start another
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    flower_dispatch = vce_api.add_messages_to_queue
     run_dir = simulate(config)
     assert calls == []
+    assert vce_api.add_messages_to_queue is flower_dispatch  # medfed's dispatch loop only for the run
     assert not ray.is_initialized()  # the run shut it down
     assert [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] == [0, 1]  # initial model, round 1
+
+
+class _FakeLinkState:
+    """What :func:`enqueue_on_push` uses of Flower's in-memory link state."""
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[int, str]] = []
+
+    def store_message_ins(self, message: tuple[int, str]) -> str:
+        self.stored.append(message)
+        return message[1]
+
+    def get_message_ins(self, *, node_id: int, limit: int) -> list[tuple[int, str]]:
+        mine = [m for m in self.stored if m[0] == node_id][:limit]
+        for message in mine:
+            self.stored.remove(message)
+        return mine
+
+
+def _start_dispatch(state, monkeypatch, wait_s: float):
+    import queue
+    import threading
+
+    from simulations import engine
+
+    monkeypatch.setattr(engine, "PUSH_WAIT_S", wait_s)
+    instructions: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.enqueue_on_push, args=(state, instructions, {1: 0, 2: 1}, stop), daemon=True)
+    loop.start()
+    return instructions, stop, loop
+
+
+def test_a_pushed_instruction_is_dispatched_without_waiting_for_the_tick(monkeypatch) -> None:
+    import time
+
+    state = _FakeLinkState()
+    instructions, stop, loop = _start_dispatch(state, monkeypatch, wait_s=60.0)
+    try:
+        time.sleep(0.2)  # the loop has looked once and now waits (60 s unless woken)
+        state.store_message_ins((2, "train-2"))  # as Flower's InMemoryGrid.push_messages does
+        state.store_message_ins((1, "train-1"))
+        got = {instructions.get(timeout=10), instructions.get(timeout=10)}
+    finally:
+        stop.set()
+        state.store_message_ins((1, "wake"))  # ends the 60 s wait
+        loop.join(timeout=10)
+    assert got == {(1, "train-1"), (2, "train-2")}
+    assert not loop.is_alive() and "store_message_ins" not in vars(state)  # the state is as it was
+
+
+def test_dispatch_still_ends_on_stop_without_a_push(monkeypatch) -> None:
+    state = _FakeLinkState()
+    _, stop, loop = _start_dispatch(state, monkeypatch, wait_s=0.05)
+    stop.set()
+    loop.join(timeout=5)
+    assert not loop.is_alive() and "store_message_ins" not in vars(state)
+
+
+def test_flower_engine_still_has_the_loop_medfed_replaces() -> None:
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from simulations.engine import enqueue_on_push
+
+    assert list(inspect.signature(vce_api.add_messages_to_queue).parameters) == list(
+        inspect.signature(enqueue_on_push).parameters
+    )
+    assert "add_messages_to_queue" in vce_api.run_api.__code__.co_names  # looked up when the run starts
