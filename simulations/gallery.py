@@ -85,6 +85,6 @@ def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig |
                                    f"'{positive[0]}' at threshold {settings.threshold}"})
     if entries:
         (out / GALLERY_INDEX).write_text(json.dumps(entries, indent=2))
-        write_clinical_report(run, config=config)
+        write_clinical_report(run, config=config, redraw_plots=False)  # same records: plots as drawn
     logger.info("Grad-CAM gallery: %d site(s) in %s", len(written), out)
     return written

@@ -265,3 +265,24 @@ def test_clinical_report_is_written_from_the_run_directory(tmp_path: Path) -> No
     for name in ("roc.png", "reliability.png", "site_metrics.png", "fairness.json"):
         assert (run / "clinical" / name).stat().st_size > 0
     assert json.loads((run / "clinical" / "fairness.json").read_text())["across_sites"]["roc-auc"]["spread"] == pytest.approx(0.2)
+
+
+def test_a_rewritten_report_can_keep_the_plots_it_has(tmp_path: Path) -> None:
+    config = load_config(None, [f"server.out_dir={tmp_path}"])
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(config))
+    rows = [{"round": 1, "site": "site-1", "phase": "evaluate", "metrics": _site(0.9, 0.8, 0.9, 50, 20)}]
+    (run / "sites.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_clinical_report(run)
+    clinical = run / "clinical"
+    roc = (clinical / "roc.png").stat().st_mtime_ns
+    (clinical / "reliability.png").unlink()
+    (clinical / "gallery").mkdir()
+    (clinical / "gallery" / "index.json").write_text(json.dumps([{"site": "site-1", "file": "site-1.png", "caption": "c"}]))
+    text = write_clinical_report(run, redraw_plots=False).read_text()
+    assert (clinical / "roc.png").stat().st_mtime_ns == roc  # kept as drawn
+    assert (clinical / "reliability.png").stat().st_size > 0  # missing: drawn again
+    assert "![roc](roc.png)" in text and "![reliability](reliability.png)" in text and "gallery/site-1.png" in text
+    write_clinical_report(run)
+    assert (clinical / "roc.png").stat().st_mtime_ns != roc  # by default every plot is drawn again
