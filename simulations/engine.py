@@ -16,7 +16,10 @@ So the harness drives the same engine entry point that Flower's own
   SuperNode would from a FAB;
 * the very ``client.app:app`` and ``server.app:app`` objects a deployment runs.
 
-One private piece of the engine is replaced for the run: the loop that hands the
+medfed starts Ray itself, with the settings Flower's backend would use plus an
+exit hook for the site workers (:func:`start_ray`), so the harness can start it
+while the driver still imports. One private piece of the engine is replaced for
+the run: the loop that hands the
 ServerApp's instructions to the site workers looks for them as soon as they are
 stored instead of every 0.1 s (:func:`enqueue_on_push`).
 
@@ -31,6 +34,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -123,25 +127,46 @@ def _preload(modules: Sequence[str]) -> None:
             logger.debug("preloading %s failed; left to the run's own import", name, exc_info=True)
 
 
-def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
-    """Start Ray now, exactly as Flower's Ray backend would, while ``preload`` is imported.
+#: Ray's ``worker_process_setup_hook`` for the site workers (see simulations/worker_exit.py).
+WORKER_SETUP_HOOK = "simulations.worker_exit.exit_without_teardown"
 
-    Flower's backend starts Ray only if it is not running yet (with the same
-    settings :func:`run_engine` gives it), so a run started after this uses this
-    Ray. Starting it early lets Ray's own processes (GCS, raylet, agents: ~6 CPU-s
-    on the 2-core dev box) come up on the second core while another thread imports
+
+def _runtime_env() -> dict[str, Any]:
+    """The runtime env Flower's ``RayBackend.init_ray`` gives Ray, plus the workers' exit hook.
+
+    As in Flower: Ray's processes inherit the environment but not the driver's
+    ``sys.path``, so it goes to them as ``PYTHONPATH``.
+    """
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    return {"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
+def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
+    """Start Ray for a simulation (as Flower's Ray backend would), importing ``preload`` meanwhile.
+
+    Flower's backend starts Ray only if it is not running yet, so the run uses
+    this Ray: the settings of Flower's own start (:func:`_runtime_env`, the
+    ``init_args`` of the backend config) plus the workers' exit hook. Starting it
+    before the run lets Ray's own processes (GCS, raylet, agents: ~6 CPU-s on the
+    2-core dev box) come up on the second core while another thread imports
     ``preload`` (torch, MONAI, Opacus: ~6.5 s on the first), instead of after it
     (docs/BENCHMARKS.md, P1). Call it from the main thread: Ray's processes end with
     the thread that started them. ``preload`` must not import Ray or Flower, which
     this thread imports meanwhile (two threads importing one package can deadlock).
+    Does nothing if Ray is already running.
     """
     _set_environment()
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # noqa: PLC0415
+    import ray  # noqa: PLC0415 - before the loader starts: the two threads import disjoint packages
 
+    if ray.is_initialized():
+        return
     loader = threading.Thread(target=_preload, args=(tuple(preload),), name="medfed-preload", daemon=True)
     loader.start()
     try:
-        RayBackend({"init_args": _init_args(verbose=verbose)})  # its constructor starts Ray, nothing else
+        ray.init(runtime_env=_runtime_env(), **_init_args(verbose=verbose))
     finally:
         loader.join()
 
@@ -208,7 +233,7 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         config: A resolved config (absolute paths, fixed run name).
         verbose: Show Flower's and Ray's logs.
     """
-    _set_environment()
+    start_ray(verbose=verbose)  # unless the harness started it already
     import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation

@@ -156,3 +156,57 @@ def test_flower_engine_still_has_the_loop_medfed_replaces() -> None:
         inspect.signature(enqueue_on_push).parameters
     )
     assert "add_messages_to_queue" in vce_api.run_api.__code__.co_names  # looked up when the run starts
+
+
+_WORKER = '''
+import logging, sys
+if sys.argv[2] == "hook":
+    from simulations.worker_exit import exit_without_teardown
+    exit_without_teardown()
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+logging.getLogger("site").info("written before the exit")
+class Loud:
+    def __del__(self):
+        sys.__stderr__.write("torn down")
+keep = Loud()
+sys.stdout.write("buffered")  # no newline, no flush
+sys.exit(0)
+'''
+
+
+@pytest.mark.parametrize("hook", [True, False])
+def test_a_worker_with_the_exit_hook_skips_the_teardown_but_not_its_output(tmp_path, hook: bool) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, log = tmp_path / "worker.py", tmp_path / "site.log"
+    script.write_text(_WORKER)
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(script), str(log), "hook" if hook else "none"], cwd=root,
+                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": root, "PATH": ""})
+    assert done.returncode == 0 and done.stdout == "buffered"
+    assert "written before the exit" in log.read_text()
+    assert ("torn down" in done.stderr) is not hook  # module teardown runs only without the hook
+
+
+def test_start_ray_gives_the_workers_flower_settings_and_the_exit_hook(monkeypatch) -> None:
+    import importlib
+    import sys
+
+    import ray
+
+    from simulations import engine
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-extra")
+    engine.start_ray(verbose=False)
+    env = started["runtime_env"]
+    module, _, name = env["worker_process_setup_hook"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is importlib.import_module(
+        "simulations.worker_exit").exit_without_teardown
+    assert env["env_vars"]["PYTHONPATH"].split(":") == [*sys.path, "/opt/site-extra"]  # as Flower's backend
+    assert {k: started[k] for k in ("include_dashboard", "log_to_driver", "logging_level")} == {
+        "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
