@@ -19,9 +19,9 @@ So the harness drives the same engine entry point that Flower's own
 medfed starts Ray itself, with the settings Flower's backend would use plus an
 exit hook for the site workers (:func:`start_ray`), so the harness can start it
 while the driver still imports. One private piece of the engine is replaced for
-the run: the loop that hands the
-ServerApp's instructions to the site workers looks for them as soon as they are
-stored instead of every 0.1 s (:func:`enqueue_on_push`).
+the run: the loop that hands the ServerApp's instructions to the site workers
+looks for them as soon as they are stored instead of every 0.1 s
+(:func:`enqueue_on_push`).
 
 Ray is shut down when the run ends, so nothing is left running. The private
 entry points are pinned by the ``flwr`` version range in pyproject.toml and
