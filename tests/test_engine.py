@@ -67,7 +67,9 @@ def test_the_run_uses_the_ray_started_while_the_core_loaded(tmp_path, monkeypatc
     import os
 
     import ray
+    from flwr.server.superlink.fleet.vce import vce_api
 
+    from simulations.engine import stop_ray
     from simulations.harness import simulate, start_simulation
 
     config = start_simulation(overrides=[
@@ -75,17 +77,18 @@ def test_the_run_uses_the_ray_started_while_the_core_loaded(tmp_path, monkeypatc
         "strategy.min_sites=2", "server.rounds=1", "privacy.noise_multiplier=1.0",
         "privacy.target_epsilon=1000", f"server.out_dir={tmp_path}", "server.run_name=early-ray",
     ])
-    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == (os.cpu_count() or 1)
-    calls = []
-    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))  # Flower's backend must not start another
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    flower_dispatch = vce_api.add_messages_to_queue
-    run_dir = simulate(config)
-    assert calls == []
+    flower_dispatch, calls = vce_api.add_messages_to_queue, []
+    try:
+        assert ray.is_initialized() and ray.cluster_resources()["CPU"] == (os.cpu_count() or 1)
+        monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))  # Flower's backend must not start another
+        run_dir = simulate(config)
+        shut_down_by_the_run = not ray.is_initialized()
+    finally:
+        stop_ray()  # a no-op after a run: the run shuts Ray down itself
+    assert calls == [] and shut_down_by_the_run
     assert vce_api.add_messages_to_queue is flower_dispatch  # medfed's dispatch loop only for the run
-    assert not ray.is_initialized()  # the run shut it down
-    assert [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] == [0, 1]  # initial model, round 1
+    rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1]  # the initial model, then round 1
 
 
 class _FakeLinkState:
