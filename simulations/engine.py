@@ -103,10 +103,14 @@ def _init_args(*, verbose: bool) -> dict[str, Any]:
 
 
 def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any]:
-    cpus = os.cpu_count() or 1
+    """Flower's backend config: the site workers' resources, and Ray's settings should Flower start it.
+
+    medfed's runs start Ray themselves (:func:`start_ray`, same ``init_args``);
+    bench/_vanilla_flower.py lets Flower start it with this config.
+    """
     return {
         "client_resources": {
-            "num_cpus": min(config.simulation.cpus_per_site, cpus),
+            "num_cpus": min(config.simulation.cpus_per_site, os.cpu_count() or 1),
             "num_gpus": config.simulation.gpus_per_site,
         },
         "init_args": _init_args(verbose=verbose),
@@ -172,7 +176,7 @@ def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
 
 
 def stop_ray() -> None:
-    """Shut Ray down if it runs (a run that failed its checks after :func:`start_ray`)."""
+    """Shut Ray down if it runs (after a run, or a config that failed its checks after :func:`start_ray`)."""
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
@@ -234,7 +238,6 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         verbose: Show Flower's and Ray's logs.
     """
     start_ray(verbose=verbose)  # unless the harness started it already
-    import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -275,5 +278,4 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
                     verbose_logging=verbose,
                 )
         finally:
-            if ray.is_initialized():
-                ray.shutdown()
+            stop_ray()

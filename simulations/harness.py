@@ -45,6 +45,16 @@ def resolve_config(
     return config if source is None else _complete_config(config, source)
 
 
+#: The federation core a run imports before its sites start (no Ray, no Flower: see :func:`start_ray`).
+CORE_MODULES = (
+    "federation.models",
+    "federation.data",
+    "federation.training",
+    "federation.privacy",
+    "federation.metrics",
+)
+
+
 def start_simulation(
     *,
     config_path: str | None = None,
@@ -68,16 +78,6 @@ def start_simulation(
     except BaseException:
         stop_ray()
         raise
-
-
-#: The federation core a run imports before its sites start (no Ray, no Flower: see :func:`start_ray`).
-CORE_MODULES = (
-    "federation.models",
-    "federation.data",
-    "federation.training",
-    "federation.privacy",
-    "federation.metrics",
-)
 
 
 def _read_config(
