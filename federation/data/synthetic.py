@@ -9,6 +9,10 @@ dark rim) at random places, sizes and contrasts; label 0 images contain none.
 The mean image intensity is nearly uninformative, so a model has to find local,
 blob-shaped structure; faint lesions keep the task short of trivial.
 
+:func:`generate_synthetic_lesions` also returns every image's lesion mask, and
+:func:`synthetic_lesion_masks` gives the masks aligned with ``load_dataset``'s
+train and test splits (for explanation and segmentation checks).
+
 :func:`apply_site_shift` imitates different scanners: each site gets its own
 deterministic blur, gamma, contrast, intensity bias and noise level.
 """
@@ -18,13 +22,20 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from federation.config.schema import DataConfig
-from federation.data.registry import DatasetInfo, DatasetSplits, _derive_seed, register_dataset
+from federation.data.registry import (
+    DatasetInfo,
+    DatasetSplits,
+    _derive_seed,
+    register_dataset,
+    stratified_subset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +44,9 @@ SYNTHETIC_SITE_SHIFT = 0.5
 
 SYNTHETIC_TEST_FRACTION = 0.2
 """Share of the generated images put into the test split (stratified)."""
+
+LESION_MASK_RADIUS = 2.0
+"""Lesion masks cover the pixels within this many blob sigmas of a lesion centre."""
 
 _MAX_BLOBS = 3
 _MAX_LINES = 2
@@ -71,6 +85,20 @@ def _lines(amp: np.ndarray, ends: np.ndarray, width: np.ndarray, grid: np.ndarra
     return out.numpy()
 
 
+class SyntheticLesions(NamedTuple):
+    """Synthetic images with their labels and lesion masks (see :func:`generate_synthetic_lesions`).
+
+    Attributes:
+        images: float32 ``(N, 1, S, S)`` in ``[0, 1]``.
+        labels: int64 ``(N,)``; 1 = at least one lesion.
+        masks: uint8 ``(N, 1, S, S)``; 1 inside a lesion, 0 elsewhere (all 0 for label 0).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+
+
 def generate_synthetic(*, num_samples: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Generate the synthetic lesion images and labels.
 
@@ -82,6 +110,48 @@ def generate_synthetic(*, num_samples: int, image_size: int, seed: int) -> tuple
     Returns:
         ``(images, labels)``: float32 ``(N, 1, S, S)`` in ``[0, 1]`` and int64 ``(N,)``.
     """
+    images, labels, _ = _generate(num_samples=num_samples, image_size=image_size, seed=seed, with_masks=False)
+    return images, labels
+
+
+def generate_synthetic_lesions(*, num_samples: int, image_size: int, seed: int) -> SyntheticLesions:
+    """Generate the synthetic images and labels together with each image's lesion mask.
+
+    The images and labels are exactly those of :func:`generate_synthetic` with the
+    same arguments. A pixel belongs to a lesion when its centre lies within
+    :data:`LESION_MASK_RADIUS` blob sigmas of a lesion centre (the bright core has
+    fallen to ``exp(-2)`` of its peak there); lesions may overlap and may touch the
+    image border (the disc is cut off there).
+
+    Args:
+        num_samples: Number of images (half of them, rounded down, are positive).
+        image_size: Side length in pixels.
+        seed: Seed; the same arguments always give the same arrays.
+
+    Returns:
+        :class:`SyntheticLesions` ``(images, labels, masks)``; ``masks`` is uint8
+        ``(N, 1, S, S)``, the images' shape, 1 inside a lesion and 0 elsewhere, all 0
+        for every image with label 0.
+    """
+    images, labels, masks = _generate(num_samples=num_samples, image_size=image_size, seed=seed, with_masks=True)
+    assert masks is not None
+    return SyntheticLesions(images=images, labels=labels, masks=masks)
+
+
+def _lesion_masks(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, amp: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Discs of radius ``LESION_MASK_RADIUS * sigma`` around every drawn blob (amp != 0); (n, t) -> (n, S, S) uint8."""
+    r2 = (LESION_MASK_RADIUS * sigma) ** 2
+    dx2 = (grid[None, None, :] - cx[..., None]) ** 2  # (n, t, S) columns
+    dy2 = (grid[None, None, :] - cy[..., None]) ** 2  # (n, t, S) rows
+    inside = dy2[..., :, None] + dx2[..., None, :] <= r2[..., None, None]  # (n, t, S, S)
+    inside &= (amp != 0)[..., None, None]
+    return inside.any(axis=1).astype(np.uint8)
+
+
+def _generate(
+    *, num_samples: int, image_size: int, seed: int, with_masks: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The generator behind :func:`generate_synthetic` (masks only when asked for)."""
     if num_samples < 1 or image_size < 4:
         raise ValueError(f"need num_samples >= 1 and image_size >= 4, got {num_samples}, {image_size}")
     n, size = num_samples, image_size
@@ -112,6 +182,7 @@ def generate_synthetic(*, num_samples: int, image_size: int, seed: int) -> tuple
     coarse = max(3, size // 7)
 
     images = np.empty((n, 1, size, size), dtype=np.float32)
+    masks = np.zeros((n, 1, size, size), dtype=np.uint8) if with_masks else None
     step = max(1, _CHUNK_PIXELS // (size * size * max(_MAX_LINES, 1)))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -139,7 +210,9 @@ def generate_synthetic(*, num_samples: int, image_size: int, seed: int) -> tuple
             np.float32
         )
         images[sl, 0] = np.clip(img, 0.0, 1.0)
-    return images, labels
+        if masks is not None:
+            masks[sl, 0] = _lesion_masks(cx, cy, s, a, grid)
+    return images, labels, masks
 
 
 def _stratified_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +253,42 @@ def load_synthetic(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetS
         md5=None,
         label_names=("no lesion", "lesion"),
     )
+
+
+def synthetic_lesion_masks(config: DataConfig, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion masks aligned with ``load_dataset(config, seed=seed)`` of the ``synthetic`` dataset.
+
+    Row ``i`` of the returned train (test) masks belongs to row ``i`` of that
+    dataset's ``train_images`` (``test_images``): the same 80/20 split and the same
+    ``data.max_train_samples`` / ``data.max_test_samples`` subsets are taken. Site
+    shifts (:func:`apply_site_shift`) do not move lesions, so the masks also fit
+    every site's shifted images.
+
+    Args:
+        config: The ``data`` section; ``dataset`` must be ``synthetic``.
+        seed: The experiment seed given to ``load_dataset``.
+
+    Returns:
+        ``(train_masks, test_masks)``: uint8 ``(N, 1, S, S)`` and ``(M, 1, S, S)``,
+        1 inside a lesion, 0 elsewhere.
+
+    Raises:
+        ValueError: If ``config.dataset`` is not ``synthetic``.
+    """
+    if config.dataset != "synthetic":
+        raise ValueError(f"lesion masks exist only for data.dataset=synthetic, got data.dataset={config.dataset!r}")
+    data = generate_synthetic_lesions(num_samples=config.num_samples, image_size=config.image_size, seed=seed)
+    train_idx, test_idx = _stratified_split(
+        data.labels, test_fraction=SYNTHETIC_TEST_FRACTION, seed=_derive_seed(seed, 102)
+    )
+    # Same subsets as federation.data.registry._load_cached.
+    if 0 < config.max_train_samples < len(train_idx):
+        keep = stratified_subset(data.labels[train_idx], n=config.max_train_samples, seed=_derive_seed(seed, 11))
+        train_idx = train_idx[keep]
+    if 0 < config.max_test_samples < len(test_idx):
+        keep = stratified_subset(data.labels[test_idx], n=config.max_test_samples, seed=_derive_seed(seed, 12))
+        test_idx = test_idx[keep]
+    return data.masks[train_idx], data.masks[test_idx]
 
 
 def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
