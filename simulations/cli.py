@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from certs.cli import certs_app
 from client.site_cli import site_app
+from dashboard.cli import register_dashboard_commands
 from deploy.cli import deploy_app
 from federation.config import ConfigError, to_yaml, valid_keys
 from simulations.clinical_cli import register_clinical_commands, simulation_gallery
@@ -39,6 +40,7 @@ register_clinical_commands(app)  # medfed predict / explain / clinical-report
 register_research_commands(app)  # medfed sweep / report / baselines
 app.add_typer(certs_app, name="certs")  # consortium CA, SuperLink certificate, site keys
 app.add_typer(deploy_app, name="deploy")  # SuperLink, Fleet-only proxy, SuperNodes
+register_dashboard_commands(app, site_app)  # medfed dashboard, medfed site dashboard (live, read-only)
 
 ConfigOpt = Annotated[
     Optional[str], typer.Option("--config", "-c", help="Preset YAML file, or a preset name from simulations/configs.")
