@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from dashboard.records import RunRecords, Sweep, number
-from dashboard.svg import Series, line_chart
+from dashboard.svg import GLOBAL_COLOUR, Series, line_chart, site_colour
 
 #: Files of a run linked from its page when present (run-relative paths).
 RUN_LINKS = (
@@ -131,11 +131,12 @@ def _failure(run: RunRecords) -> str:
 
 def _metric_chart(run: RunRecords, metric: str, name: str) -> str:
     rows = run.rounds.rows
-    series = [Series("global", [(r.get("round", 0), number((r.get("global") or {}).get(metric))) for r in rows])]
-    for site in _site_names(rows):
+    series = [Series("global", [(r.get("round", 0), number((r.get("global") or {}).get(metric))) for r in rows],
+                     colour=GLOBAL_COLOUR)]
+    for i, site in enumerate(_site_names(run)):
         series.append(Series(site, [(r.get("round", 0), number(((r.get("sites") or {}).get(site) or {})
                                                                   .get("evaluate", {}).get(metric))) for r in rows],
-                             dashed=True))
+                             dashed=True, colour=site_colour(i)))
     return line_chart(chart_id="metric", title=f"{name}: global and per site", series=series, y_range=(0.0, 1.0))
 
 
@@ -155,7 +156,8 @@ def _epsilon_chart(run: RunRecords) -> str:
         by_site.setdefault(str(row.get("site", "?")), []).append((row.get("round", 0), number(row.get("epsilon"))))
     target = number(run.setting("privacy.target_epsilon")) if run.setting("privacy.enabled", False) else None
     return line_chart(chart_id="epsilon", title="ε spent per site",
-                      series=[Series(s, pts) for s, pts in sorted(by_site.items())],
+                      series=[Series(s, by_site[s], colour=site_colour(i))
+                              for i, s in enumerate(_site_names(run)) if s in by_site],
                       target=("target ε", target) if target is not None else None)
 
 
@@ -172,8 +174,10 @@ def _epsilon_table(run: RunRecords) -> str:
     return table(["site", "ε spent", "ε target", "of target"], rows, css="epsilon")
 
 
-def _site_names(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return sorted({str(s) for r in rows for s in (r.get("sites") or {})})
+def _site_names(run: RunRecords) -> list[str]:
+    """Every site that replied so far (sorted: a site keeps its colour on every chart)."""
+    return sorted({str(s) for r in run.rounds.rows for s in (r.get("sites") or {})}
+                  | {str(r.get("site")) for r in run.privacy.rows})
 
 
 def _reasons(found: Any) -> str:
@@ -213,10 +217,10 @@ def run_page(run: RunRecords) -> str:
         f"<details><summary>{h(section)}</summary>"
         + table(["key", "value"], ([h(k), h(v)] for k, v in (settings.get(section) or {}).items())) + "</details>"
         for section in SETTINGS if isinstance(settings.get(section), dict))
-    static = (head + ('<p class="links">' + " · ".join(links) + "</p>" if links else "")
-              + f'<section class="settings"><h2>Strategy and DP settings</h2>{details}</section>')
-    body = f'<div id="live-part">{run_live(run)}</div>'
-    return layout(title=run.key, body=static + body, live_url=f"/api/run/{quote(run.key)}", version=run.version(),
+    body = (head + ('<p class="links">' + " · ".join(links) + "</p>" if links else "")
+            + f'<div id="live-part">{run_live(run)}</div>'
+            + f'<section class="settings"><h2>Strategy and DP settings</h2>{details}</section>')
+    return layout(title=run.key, body=body, live_url=f"/api/run/{quote(run.key)}", version=run.version(),
                   crumbs="› run")
 
 

@@ -13,17 +13,25 @@ from html import escape
 
 #: Line colours, in series order (colour-blind safe, Okabe-Ito).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+#: The colour of global (all-site) lines, so that each site keeps its palette colour on every chart.
+GLOBAL_COLOUR = "#222222"
+
+
+def site_colour(index: int) -> str:
+    """The colour of the ``index``-th site (sorted by name) on every chart."""
+    return PALETTE[index % len(PALETTE)]
 WIDTH, HEIGHT = 560, 250
 LEFT, RIGHT, TOP, BOTTOM = 52, 130, 28, 34
 
 
 @dataclass(frozen=True)
 class Series:
-    """One line: a label and its points ``(x, y)`` (None values are gaps, skipped)."""
+    """One line: a label and its points ``(x, y)`` (None values are gaps, skipped); colour: by position if None."""
 
     label: str
     points: Sequence[tuple[float, float | None]]
     dashed: bool = False
+    colour: str | None = None
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -95,7 +103,7 @@ def line_chart(
                      f'stroke-dasharray="6 4"/><text x="{LEFT + plot_w - 4}" y="{ty - 4:.1f}" font-size="10" '
                      f'text-anchor="end" fill="#B00020">{escape(target[0])}</text>')
     for index, (s, pts) in enumerate(lines):
-        colour = PALETTE[index % len(PALETTE)]
+        colour = s.colour or PALETTE[index % len(PALETTE)]
         dash = ' stroke-dasharray="4 3"' if s.dashed else ""
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
         if len(pts) > 1:
