@@ -194,10 +194,10 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
         _run_rounds(grid=grid, config=config, run=run, strategy=strategy, model=model, arrays=arrays, done=done)
     summary: dict[str, Any] = build_summary(run=run, config=config)
     run.write_summary(summary)
-    try:  # exported model, clinical report, model card; the run's records are already safe on disk
-        finish_run(run.path, config)
-    except Exception:  # noqa: BLE001 - report it loudly, never lose the finished run over it
-        logger.exception("run %s finished, but writing its export/clinical report/model card failed "
-                         "(rerun with `medfed clinical-report %s`)", run.path, run.path)
+    # exported model, clinical report, model card: each recorded in outputs.json, written or failed with its
+    # reason (the command that started the run reads it back); the run's records are already safe on disk
+    problem = finish_run(run.path, config).failure_message()
+    if problem is not None:
+        logger.error("%s", problem)
     logger.info("run finished: %s", run.path.resolve())
     return run.path

@@ -31,8 +31,24 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _fmt(x: float) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _missing(x: float | None) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def error_bars(values: list[dict[str, Any]]) -> np.ndarray:
+    """``(2, N)`` non-negative distances from each value to its interval's ends (0 where there is none).
+
+    An interval's end can sit a rounding error on the wrong side of its value (a
+    Wilson bound of 1e-17 for a rate of 0) or be missing: neither may break the plot.
+    """
+    v = np.array([np.nan if _missing(d.get("value")) else d["value"] for d in values], dtype=float)
+    lo = np.array([np.nan if _missing(d.get("lo")) else d["lo"] for d in values], dtype=float)
+    hi = np.array([np.nan if _missing(d.get("hi")) else d["hi"] for d in values], dtype=float)
+    return np.clip(np.nan_to_num(np.vstack([v - lo, hi - v])), 0.0, None).reshape(2, len(values))
 
 
 def plot_roc(sites: dict[str, Any], path: Path) -> Path:
@@ -40,9 +56,11 @@ def plot_roc(sites: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     grid = np.linspace(0.0, 1.0, 21)
+    missing = []
     for site, view in sites.items():
         tpr = np.asarray(view["roc_tpr"], dtype=float)
         if np.isnan(tpr).all():
+            missing.append(f"{site}: n/a ({view['rates']['roc-auc'].get('na', 'no ROC points sent')})")
             continue
         auc = view["rates"]["roc-auc"]
         ax.step(grid, tpr, where="post", label=f"{site} AUC {_fmt(auc['value'])} [{_fmt(auc['lo'])}, {_fmt(auc['hi'])}]")
@@ -50,6 +68,9 @@ def plot_roc(sites: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC per site (site test splits)",
            xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
+    if missing:
+        ax.text(0.02, 0.98, "no curve — " + "; ".join(missing), transform=ax.transAxes, fontsize=6, va="top",
+                wrap=True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="lower right")
     return _save(fig, path)
@@ -76,12 +97,11 @@ def _bars(ax: Any, names: list[str], series: dict[str, list[dict[str, float]]]) 
     width = 0.8 / max(1, len(series))
     x = np.arange(len(names))
     for i, (rate, values) in enumerate(series.items()):
-        v = np.array([d["value"] for d in values], dtype=float)
-        lo = np.array([d["lo"] for d in values], dtype=float)
-        hi = np.array([d["hi"] for d in values], dtype=float)
-        err = np.vstack([np.nan_to_num(v - lo), np.nan_to_num(hi - v)])
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, yerr=err, capsize=2,
-               label=RATE_LABELS.get(rate, rate))
+        v = np.array([np.nan if _missing(d.get("value")) else d["value"] for d in values], dtype=float)
+        offset = x + (i - (len(series) - 1) / 2) * width
+        ax.bar(offset, np.nan_to_num(v), width, yerr=error_bars(values), capsize=2, label=RATE_LABELS.get(rate, rate))
+        for position in offset[np.isnan(v)]:  # the reason is in the report's table
+            ax.text(position, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.22)
     ax.set_yticks(np.linspace(0, 1, 6))

@@ -19,7 +19,7 @@ from typing import Any
 from federation.config import ExperimentConfig, load_config
 from federation.metrics.clinical import ClinicalSettings, age_band_labels
 from server.clinical_plots import plot_reliability, plot_roc, plot_site_bars, plot_subgroup_bars
-from server.fairness import COMPARED, fairness_summary, latest_site_rows
+from server.fairness import COMPARED, NO_SITE_VALUE, NOT_REPORTED, fairness_summary, latest_site_rows
 from server.run_dir import CONFIG_FILE, _clean
 
 logger = logging.getLogger(__name__)
@@ -42,20 +42,33 @@ def group_labels(settings: ClinicalSettings) -> dict[str, str]:
     return labels
 
 
-def _ci(d: dict[str, float] | None) -> str:
-    if not d or d.get("value") is None or math.isnan(d["value"]):
-        return "–"
-    if math.isnan(d.get("lo", math.nan)):
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def na(reason: str | None) -> str:
+    """How every report shows a number that cannot exist: ``n/a (<reason>)``."""
+    return f"n/a ({reason})" if reason else "n/a"
+
+
+def fmt_interval(d: dict[str, Any] | None) -> str:
+    """``0.812 [0.700, 0.900]``; the value alone without an interval; ``n/a (<reason>)`` without a value."""
+    if not d or _missing(d.get("value")):
+        return na((d or {}).get("na") or NOT_REPORTED)
+    if _missing(d.get("lo")) or _missing(d.get("hi")):
         return f"{d['value']:.3f}"
     return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
 
 
-def _n(x: float) -> str:
-    return "–" if x is None or math.isnan(x) else str(int(x))
+_ci = fmt_interval
+
+
+def _n(x: float | None) -> str:
+    return na(NOT_REPORTED) if _missing(x) else str(int(x))  # type: ignore[arg-type]
 
 
 def _f(x: float | None) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.3f}"
+    return "n/a" if _missing(x) else f"{x:.3f}"
 
 
 def _task(settings: ClinicalSettings, label_names: list[str]) -> str:
@@ -70,6 +83,8 @@ def _task(settings: ClinicalSettings, label_names: list[str]) -> str:
 def _site_table(summary: dict[str, Any], rounds: dict[str, int]) -> list[str]:
     lines = ["| site | round | n | positives | AUC | sensitivity | specificity | accuracy | PPV | NPV | ECE | Brier |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not summary["sites"]:
+        return [na("no site sent an evaluation: every site failed or refused, or no round was evaluated")]
     for site, v in summary["sites"].items():
         r = v["rates"]
         lines.append(f"| {site} | {rounds.get(site, '–')} | {_n(v['n'])} | {_n(v['n-pos'])} | {_ci(r['roc-auc'])} | "
@@ -83,6 +98,7 @@ def _across(summary: dict[str, Any]) -> list[str]:
     for rate in COMPARED:
         e = summary["across_sites"][rate]
         if e["worst"] is None:
+            lines.append(f"| {rate} | {na(e.get('na', NO_SITE_VALUE))} | n/a | n/a |")
             continue
         lines.append(f"| {rate} | {e['worst']['name']} {e['worst']['value']:.3f} | "
                      f"{e['best']['name']} {e['best']['value']:.3f} | {e['spread']:.3f} |")
@@ -91,7 +107,7 @@ def _across(summary: dict[str, Any]) -> list[str]:
         lines += ["", f"Pooled over sites (n = {pooled['n']}, positives = {pooled['n-pos']}; exact from the sites' "
                   "counts): sensitivity " + _ci(pooled["sensitivity"]) + ", specificity " + _ci(pooled["specificity"])
                   + ", accuracy " + _ci(pooled["op-accuracy"]) + "; AUC (example-weighted mean of site AUCs) "
-                  + _f(pooled["roc-auc"]["value"]) + "."]
+                  + _ci(pooled["roc-auc"]) + "."]
     return lines
 
 
@@ -111,11 +127,13 @@ def _subgroups(summary: dict[str, Any], labels: dict[str, str]) -> list[str]:
               "|---|---|---|---|---|---|---|"]
     for g, s in summary["subgroups"].items():
         lines.append(f"| {labels.get(g, g)} | {s['sites']} | {s['n']} | {_ci(s['sensitivity'])} | "
-                     f"{_ci(s['specificity'])} | {_ci(s['op-accuracy'])} | {_f(s['roc-auc']['value'])} |")
+                     f"{_ci(s['specificity'])} | {_ci(s['op-accuracy'])} | {_ci(s['roc-auc'])} |")
     for attribute, gap in summary["subgroup_gaps"].items():
         lines += ["", f"Fairness — largest gap between {attribute} groups (pooled):", ""]
         for rate, e in gap["pooled"].items():
-            if e["worst"] is not None:
+            if e["worst"] is None:
+                lines.append(f"- {rate}: {na(e.get('na', NO_SITE_VALUE))}")
+            else:
                 lines.append(f"- {rate}: {e['spread']:.3f} ({labels.get(e['worst']['name'], e['worst']['name'])} "
                              f"{e['worst']['value']:.3f} vs {labels.get(e['best']['name'], e['best']['name'])} "
                              f"{e['best']['value']:.3f})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,45 @@ def latest_site_rows(run_dir: Path, phase: str = "evaluate") -> dict[str, dict[s
     return dict(sorted(latest.items()))
 
 
-def _interval(metrics: dict[str, Any], name: str, prefix: str = "") -> dict[str, float]:
-    return {k: _num(metrics.get(f"{prefix}{name}{s}")) for k, s in (("value", ""), ("lo", "-lo"), ("hi", "-hi"))}
+#: Why a number is missing, shown as "n/a (<reason>)" by every report.
+NOT_REPORTED = "not reported by the site (suppressed or absent)"
+NO_SAMPLES = "no samples"
+ONE_CLASS = "one class in the test split"
+NO_POSITIVES = "no positives in the test split"
+NO_NEGATIVES = "no negatives in the test split"
+NO_PREDICTED_POSITIVES = "no predicted positives"
+NO_PREDICTED_NEGATIVES = "no predicted negatives"
+NO_SITE_VALUE = "no site reported a value"
+
+
+def na_reason(metrics: dict[str, Any], name: str, prefix: str = "") -> str:
+    """Why rate ``name`` (e.g. ``ppv``) has no value in a site's (or subgroup's, ``prefix``) metrics.
+
+    Decided by the counts the rate is a fraction of; a rate whose counts would allow
+    a value but that the site did not send was suppressed (or is from an older site).
+    """
+    n = _num(metrics.get(f"{prefix}n" if prefix else "num-examples"))
+    pos = _num(metrics.get(f"{prefix}n-pos"))
+    tp, fp, tn, fn = (_num(metrics.get(f"{prefix}{k}")) for k in ("tp", "fp", "tn", "fn"))
+    if n == 0:
+        return NO_SAMPLES
+    structural = {"roc-auc": (pos == 0 or n - pos == 0, ONE_CLASS), "sensitivity": (pos == 0, NO_POSITIVES),
+                  "specificity": (n - pos == 0, NO_NEGATIVES), "ppv": (tp + fp == 0, NO_PREDICTED_POSITIVES),
+                  "npv": (tn + fn == 0, NO_PREDICTED_NEGATIVES)}
+    undefined, reason = structural.get(name, (False, ""))
+    if undefined:
+        return reason
+    if metrics.get(f"{prefix}{name}") is None:
+        return NOT_REPORTED
+    return "undefined for this test split"
+
+
+def _interval(metrics: dict[str, Any], name: str, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {k: _num(metrics.get(f"{prefix}{name}{s}"))
+                           for k, s in (("value", ""), ("lo", "-lo"), ("hi", "-hi"))}
+    if math.isnan(out["value"]):
+        out["na"] = na_reason(metrics, name, prefix)
+    return out
 
 
 def site_view(metrics: dict[str, Any], *, bins: int) -> dict[str, Any]:
@@ -70,25 +108,39 @@ def site_view(metrics: dict[str, Any], *, bins: int) -> dict[str, Any]:
     }
 
 
+def _pooled_rate(parts: list[dict[str, float]], rate: str, denominator: Callable[[dict[str, float]], float],
+                 *, confidence: float, empty: str) -> dict[str, Any]:
+    """One exact pooled rate over the parts that sent it (a part whose denominator is 0 adds nothing)."""
+    usable = [p for p in parts if denominator(p) == 0 or math.isfinite(p.get(rate, math.nan))]
+    total = int(sum(denominator(p) for p in usable))
+    k = int(sum(round(p[rate] * denominator(p)) for p in usable if denominator(p) > 0))
+    lo, hi = wilson_interval(k, total, confidence=confidence)
+    out: dict[str, Any] = {"value": k / total if total else math.nan, "lo": lo, "hi": hi}
+    if not total:
+        out["na"] = empty if usable else NO_SITE_VALUE
+    if len(usable) < len(parts):
+        out["note"] = f"{len(parts) - len(usable)} of {len(parts)} sites did not report it"
+    return out
+
+
 def _pooled(parts: list[dict[str, float]], confidence: float) -> dict[str, Any]:
     """Exact pooled rates from per-part ``n``, ``n-pos`` and rates (sensitivity, specificity, accuracy).
 
-    Parts without clinical numbers (e.g. a site of an older medfed) are left out.
+    Parts without clinical numbers (e.g. a site of an older medfed) are left out, and
+    a part that did not send a rate (suppressed) is left out of that rate's pool.
     """
     parts = [p for p in parts if all(math.isfinite(p.get(k, math.nan)) for k in ("n", "n-pos"))]
-    n = sum(p["n"] for p in parts)
-    pos = sum(p["n-pos"] for p in parts)
-    tp = sum(round(p["sensitivity"] * p["n-pos"]) for p in parts if p["n-pos"] > 0 and math.isfinite(p["sensitivity"]))
-    tn = sum(round(p["specificity"] * (p["n"] - p["n-pos"])) for p in parts
-             if p["n"] - p["n-pos"] > 0 and math.isfinite(p["specificity"]))
-    out: dict[str, Any] = {"n": int(n), "n-pos": int(pos)}
-    for name, k, total in (("sensitivity", tp, pos), ("specificity", tn, n - pos), ("op-accuracy", tp + tn, n)):
-        lo, hi = wilson_interval(int(k), int(total), confidence=confidence)
-        out[name] = {"value": k / total if total else math.nan, "lo": lo, "hi": hi}
-    aucs = [(p["n"], p["roc-auc"]) for p in parts if not math.isnan(p["roc-auc"])]
+    out: dict[str, Any] = {"n": int(sum(p["n"] for p in parts)), "n-pos": int(sum(p["n-pos"] for p in parts))}
+    for name, denominator, empty in (("sensitivity", lambda p: p["n-pos"], NO_POSITIVES),
+                                     ("specificity", lambda p: p["n"] - p["n-pos"], NO_NEGATIVES),
+                                     ("op-accuracy", lambda p: p["n"], NO_SAMPLES)):
+        out[name] = _pooled_rate(parts, name, denominator, confidence=confidence, empty=empty)
+    aucs = [(p["n"], p["roc-auc"]) for p in parts if math.isfinite(p.get("roc-auc", math.nan))]
     weight = sum(w for w, _ in aucs)
     out["roc-auc"] = {"value": sum(w * a for w, a in aucs) / weight if weight else math.nan, "lo": math.nan,
                       "hi": math.nan, "note": "example-weighted mean of site AUCs"}
+    if not weight:
+        out["roc-auc"]["na"] = NO_SITE_VALUE
     return out
 
 
@@ -99,7 +151,7 @@ def _flat(view: dict[str, Any]) -> dict[str, float]:
 def _extremes(values: dict[str, float]) -> dict[str, Any]:
     known = {k: v for k, v in values.items() if not math.isnan(v)}
     if not known:
-        return {"worst": None, "best": None, "spread": None}
+        return {"worst": None, "best": None, "spread": None, "na": NO_SITE_VALUE}
     worst, best = min(known, key=known.__getitem__), max(known, key=known.__getitem__)
     return {"worst": {"name": worst, "value": known[worst]}, "best": {"name": best, "value": known[best]},
             "spread": known[best] - known[worst]}

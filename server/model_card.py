@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -26,9 +27,18 @@ from federation.inference.export import EXPORT_DIR, ExportedModel, export_model
 from federation.inference.preprocess import Preprocessing
 from federation.metrics.clinical import ClinicalSettings
 from federation.models import build_model, count_parameters
-from server.clinical_report import CLINICAL_DIR, FAIRNESS_FILE, REPORT_FILE, group_labels, write_clinical_report
-from server.fairness import latest_site_rows
+from server.clinical_report import (
+    CLINICAL_DIR,
+    FAIRNESS_FILE,
+    REPORT_FILE,
+    fmt_interval,
+    group_labels,
+    na,
+    write_clinical_report,
+)
+from server.fairness import NOT_REPORTED, latest_site_rows
 from server.run_dir import CONFIG_FILE, PRIVACY_FILE, SUMMARY_FILE, RunDirectory, _clean, read_jsonl
+from server.run_outputs import RunOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +132,7 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
     train, evaluate = latest_site_rows(run_dir, "train"), latest_site_rows(run_dir, "evaluate")
     privacy: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(run_dir / PRIVACY_FILE):
-        privacy[row["site"]] = {"epsilon": row["epsilon"], "delta": row.get("delta"), "round": row["round"]}
+        privacy[row["site"]] = {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "round": row.get("round")}
     names = sorted(set(train) | set(evaluate))
     facts = _dataset_facts(config)
     labels = meta.get("label_names") or facts["label_names"] or []
@@ -159,20 +169,15 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def _ci(d: dict[str, Any] | None) -> str:
-    if not d or d.get("value") is None:
-        return "–"
-    if d.get("lo") is None:
-        return f"{d['value']:.3f}"
-    return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+_ci = fmt_interval  # "n/a (<reason>)" where a metric cannot exist, as in the clinical report
 
 
 def _num(x: Any, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
 def _count(x: Any) -> str:
-    return "–" if x is None else str(int(x))
+    return na(NOT_REPORTED) if x is None or (isinstance(x, float) and not math.isfinite(x)) else str(int(x))
 
 
 def _dp_line(p: dict[str, Any]) -> str:
@@ -216,6 +221,8 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
     lines += ["", "## Evaluation (site test splits; aggregates only)", "",
               "| site | n | AUC | sensitivity | specificity | accuracy | ECE | Brier |",
               "|---|---|---|---|---|---|---|---|"]
+    if not m["per_site"]:
+        lines.append("| n/a (no site sent an evaluation) | | | | | | | |")
     for site, v in (m["per_site"] or {}).items():
         rates = v["rates"]
         lines.append(f"| {site} | {_count(v['n'])} | {_ci(rates['roc-auc'])} | {_ci(rates['sensitivity'])} | "
@@ -229,7 +236,8 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
     lines += [
         "", f"Full report with intervals, calibration and plots: `{CLINICAL_DIR}/{REPORT_FILE}`. Final global "
         f"metrics (central evaluation on the pooled test split): "
-        f"{', '.join(f'{k} {_num(v)}' for k, v in (m['global_final'] or {}).items()) or '–'}.", "",
+        f"{', '.join(f'{k} {_num(v)}' for k, v in (m['global_final'] or {}).items()) or na('no central evaluation')}.",
+        "",
         "## Provenance", "",
         f"Dataset MD5: {card['dataset_checksums']['md5'] or '–'}. medfed "
         f"{card['software']['versions'].get('medfed')}, git {card['software']['git_commit'] or 'unknown'}; {versions}.",
@@ -251,22 +259,33 @@ def write_model_card(run_dir: Path, config: ExperimentConfig) -> tuple[Path, Pat
     return md_path, json_path
 
 
-def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None = None) -> dict[str, Path]:
+#: Names under which :func:`finish_run` records its outputs in ``outputs.json``.
+EXPORT_OUTPUT, REPORT_OUTPUT, CARD_OUTPUT = "exported model", "clinical report", "model card"
+
+
+def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None = None) -> RunOutputs:
     """Export the global model, write the clinical report and the model card of a finished run.
+
+    Each output is written on its own (one that fails does not stop the others) and
+    recorded in the run's ``outputs.json`` with the files written or the reason it
+    failed (:class:`server.run_outputs.RunOutputs`).
 
     Args:
         run_dir: The run directory.
         config: The run's config (default: its ``config.yaml``).
 
     Returns:
-        ``{"export": ..., "report": ..., "card": ...}`` paths.
+        The run's output record, with these three entries updated.
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
-    exported = export_global_model(run, config)
-    report = write_clinical_report(run, config=config)
-    card, _ = write_model_card(run, config)
-    out = {"report": report, "card": card}
-    if exported is not None:
-        out["export"] = exported.directory
-    return out
+    outputs = RunOutputs.load(run)
+
+    def export() -> Path | None:
+        exported = export_global_model(run, config)
+        return None if exported is None else exported.directory
+
+    outputs.produce(EXPORT_OUTPUT, export)
+    outputs.produce(REPORT_OUTPUT, lambda: write_clinical_report(run, config=config))
+    outputs.produce(CARD_OUTPUT, lambda: list(write_model_card(run, config)))
+    return outputs

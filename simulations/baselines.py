@@ -188,14 +188,20 @@ def final_site_metrics(run_dir: Path, config: ExperimentConfig | None = None) ->
         config = load_config(run_dir / "config.yaml")
     names = [f"site-{k + 1}" for k in range(config.data.num_sites)]
     if all(name in reported and "accuracy" in reported[name] for name in names):
-        return {name: {m: float(reported[name][m]) for m in METRICS if m in reported[name]} for name in names}
+        return {name: {m: _float(reported[name][m]) for m in METRICS if m in reported[name]} for name in names}
     cache = run_dir / SITE_EVAL_JSON
     if cache.is_file():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        return {site: {m: _float(v) for m, v in metrics.items()} for site, metrics in cached.items()}
     result = federated_result(run_dir, config, load_all_sites(config))
     per_site = result.per_site if result is not None else {}
     cache.write_text(json.dumps(_clean(per_site), indent=2))
     return per_site
+
+
+def _float(value: Any) -> float:
+    """A metric as a float: NaN where a site sent none (None: undefined, e.g. AUC of a one-class test split)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def run_baselines(config: ExperimentConfig, *, run_dir: Path | None = None) -> list[MethodResult]:
@@ -254,7 +260,7 @@ def comparison_rows(results: list[MethodResult], *, metric: str) -> list[tuple[s
 
 
 def _f(value: float) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def baselines_markdown(results: list[MethodResult], *, sites: list[str]) -> str:

@@ -22,7 +22,8 @@ from client.site_cli import site_app
 from dashboard.cli import register_dashboard_commands
 from deploy.cli import deploy_app
 from federation.config import ConfigError, to_yaml, valid_keys
-from simulations.clinical_cli import register_clinical_commands, simulation_gallery
+from server.run_outputs import RunOutputs
+from simulations.clinical_cli import announce_outputs, register_clinical_commands, simulation_gallery
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate, start_simulation
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
@@ -120,19 +121,22 @@ def simulate_command(
             progress.stop()
             _fail(str(err))
     console.print(round_table(run_dir))
-    plots = write_plots(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     eps = summary["privacy"]["epsilon_per_site"]
     if eps:
         console.print("ε per site: " + ", ".join(f"{s} {e:.2f}" for s, e in sorted(eps.items())))
-    gallery = simulation_gallery(run_dir)  # simulation only: reads the simulated sites' images locally
-    console.print(f"[green]done[/] → {run_dir}  (plots: {', '.join(p.name for p in plots)})")
-    console.print(f"research report: {after_simulate(run_dir, baselines=baselines, plots=plots)}")
-    console.print(f"clinical report: {run_dir / 'clinical' / 'report.md'} ({len(gallery)} Grad-CAM gallery panels), "
-                  f"model card: {run_dir / 'model_card.md'}, exported model: {run_dir / 'export'}")
+    # the ServerApp recorded the export, clinical report and model card in outputs.json; the harness's own follow
+    outputs = RunOutputs.load(run_dir)
+    plots = outputs.produce("plots", lambda: write_plots(run_dir))
+    simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
+    outputs.produce("research report", lambda: after_simulate(run_dir, baselines=baselines, plots=plots))
+    console.print(f"[green]done[/] → {run_dir}")
+    announce_outputs(outputs, exit_on_failure=False)  # only files that exist are named
     failure = failure_reason(run_dir)
     if failure is not None:  # every site failed or refused every round: not a result
         _fail(f"{run_dir}: {failure}. Fix the sites (their logs say why) and rerun; nothing was trained.")
+    if outputs.failures():  # named above with their reasons; the run's records are kept
+        raise typer.Exit(code=1)
 
 
 @app.command("validate")

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.run_outputs import RunOutputs
+
 if TYPE_CHECKING:  # torch and MONAI are imported by the commands that use them, not by `medfed --help`
     from federation.inference import InputImage
     from federation.inference.predict import Prediction
@@ -121,20 +123,38 @@ def clinical_report_command(
 
     if not (run_dir / "config.yaml").is_file():
         _fail(f"{run_dir} holds no config.yaml; is it a medfed run directory?")
-    paths = finish_run(run_dir)
-    for name, path in paths.items():
-        console.print(f"{name}: {path}")
+    announce_outputs(finish_run(run_dir))
 
 
-def simulation_gallery(run_dir: Path) -> list[Path]:
-    """Simulation only: Grad-CAM gallery of every simulated site, added to the clinical report."""
+#: The name the Grad-CAM gallery is recorded under in the run's ``outputs.json``.
+GALLERY_OUTPUT = "Grad-CAM gallery"
+
+
+def simulation_gallery(run_dir: Path, outputs: RunOutputs) -> list[Path]:
+    """Simulation only: Grad-CAM gallery of every simulated site, added to the clinical report.
+
+    Recorded in ``outputs`` as written or failed with its reason; returns the panels written.
+    """
     from simulations.gallery import write_gallery
 
-    try:
-        return write_gallery(run_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        logger.warning("no Grad-CAM gallery for %s: %s", run_dir, err)
-        return []
+    return outputs.produce(GALLERY_OUTPUT, lambda: write_gallery(run_dir))
+
+
+def announce_outputs(outputs: RunOutputs, *, exit_on_failure: bool = True) -> None:
+    """Print each end-of-run output that exists; name each that failed, with its reason.
+
+    Args:
+        outputs: The run's output record.
+        exit_on_failure: Exit with status 1 after the listing when an output failed.
+    """
+    for name, paths in outputs.written().items():
+        shown = ", ".join(str(p) for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+        console.print(f"{name}: {shown}")
+    problem = outputs.failure_message()
+    if problem is not None:
+        console.print(f"[bold red]error:[/] {problem}")
+        if exit_on_failure:
+            raise typer.Exit(code=1)
 
 
 def register_clinical_commands(app: typer.Typer) -> None:

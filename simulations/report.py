@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ PLOTS_DIR = "plots"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
@@ -55,15 +56,16 @@ def round_table(run_dir: Path) -> Table:
 def _epsilon_by_round(run_dir: Path) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = defaultdict(dict)
     for row in read_jsonl(run_dir / PRIVACY_FILE):
-        out[int(row["round"])][row["site"]] = float(row["epsilon"])
+        if isinstance(row.get("epsilon"), (int, float)):
+            out[int(row["round"])][row["site"]] = float(row["epsilon"])
     return out
 
 
 def _site_series(run_dir: Path, phase: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for row in read_jsonl(run_dir / SITES_FILE):
-        value = row["metrics"].get(metric)
-        if row["phase"] == phase and value is not None:
+        value = (row.get("metrics") or {}).get(metric)  # None: undefined (one-class split) or not sent
+        if row.get("phase") == phase and isinstance(value, (int, float)) and math.isfinite(value):
             series[row["site"]][0].append(int(row["round"]))
             series[row["site"]][1].append(float(value))
     return dict(sorted(series.items()))
@@ -78,7 +80,8 @@ def write_plots(run_dir: Path) -> list[Path]:
 
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)
-    rounds = [r for r in read_jsonl(run_dir / ROUNDS_FILE) if (r.get("global") or {}).get("auc") is not None]
+    rounds = [r for r in read_jsonl(run_dir / ROUNDS_FILE)
+              if isinstance((r.get("global") or {}).get("auc"), (int, float))]
     written = []
 
     def save(fig: Any, name: str) -> None:

@@ -21,6 +21,7 @@ from federation.config import ExperimentConfig, load_config
 from federation.data import describe_sites
 from federation.data.scenario import site_profile
 from federation.faults import fault_schedule
+from server.fairness import NO_SITE_VALUE, NOT_REPORTED, na_reason
 from server.run_dir import CONFIG_FILE, PRIVACY_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
 from simulations.baselines import baselines_markdown, final_site_metrics, read_baselines
 from simulations.report import PLOTS_DIR, write_plots
@@ -31,10 +32,15 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
 
 
-def _f(value: Any, digits: int = 3) -> str:
+def _f(value: Any, digits: int = 3, *, reason: str | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return f"n/a ({reason})" if reason else "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _mean(values: list[float]) -> float:
+    known = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return float(np.mean(known)) if known else math.nan
 
 
 def _mix(counts: dict[Any, int]) -> str:
@@ -102,18 +108,24 @@ def _results(run_dir: Path, summary: dict[str, Any], config: ExperimentConfig) -
              "| site | test AUC | test accuracy | test loss | epsilon spent |", "|---|---:|---:|---:|---:|"]
     site_eval = final_site_metrics(run_dir, config) if summary else {}
     eps = (summary.get("privacy") or {}).get("epsilon_per_site") or {}
+    reported = summary.get("final_site_evaluate") or {}
     for site in sorted(set(site_eval) | set(eps), key=lambda name: (len(name), name)):
         m = site_eval.get(site, {})
-        spent = _f(eps.get(site), 2) if config.privacy.enabled else "no DP"
-        lines.append(f"| {site} | {_f(m.get('auc'))} | {_f(m.get('accuracy'))} | {_f(m.get('loss'))} | {spent} |")
+        why = na_reason(reported[site], "roc-auc") if site in reported else "no evaluation of this site"
+        spent = _f(eps.get(site), 2, reason="no ledger entry") if config.privacy.enabled else "no DP"
+        lines.append(f"| {site} | {_f(m.get('auc'), reason=why)} | {_f(m.get('accuracy'), reason=NOT_REPORTED)} | "
+                     f"{_f(m.get('loss'), reason=NOT_REPORTED)} | {spent} |")
     if site_eval:
-        mean = {k: float(np.nanmean([m.get(k, math.nan) for m in site_eval.values()])) for k in ("auc", "accuracy")}
-        lines.append(f"| mean over sites | {_f(mean['auc'])} | {_f(mean['accuracy'])} | | |")
+        mean = {k: _mean([m.get(k, math.nan) for m in site_eval.values()]) for k in ("auc", "accuracy")}
+        lines.append(f"| mean over sites | {_f(mean['auc'], reason=NO_SITE_VALUE)} | "
+                     f"{_f(mean['accuracy'], reason=NO_SITE_VALUE)} | | |")
     final = summary.get("final_global") or {}
+    central = None if final else "no central evaluation"
     lines += ["", f"Global model on the pooled test split (no site shift) after round "
-              f"{summary.get('rounds_completed')}: AUC {_f(final.get('auc'))}, accuracy {_f(final.get('accuracy'))}, "
-              f"loss {_f(final.get('loss'))}; best AUC {_f(summary.get('best_global_auc'))} "
-              f"(round {summary.get('best_round')})."]
+              f"{summary.get('rounds_completed')}: AUC {_f(final.get('auc'), reason=central)}, accuracy "
+              f"{_f(final.get('accuracy'), reason=central)}, loss {_f(final.get('loss'), reason=central)}; best AUC "
+              f"{_f(summary.get('best_global_auc'), reason=central or 'undefined in every round')} "
+              f"(round {_f(summary.get('best_round'))})."]
     return lines
 
 

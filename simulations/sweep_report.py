@@ -46,7 +46,7 @@ def comparison(rows: list[dict[str, Any]], *, grid_keys: list[str]) -> list[dict
 
 
 def _pm(mean: float, std: float, digits: int = 3) -> str:
-    return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "n/a (no run reported it)" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def comparison_markdown(table: list[dict[str, Any]], *, grid_keys: list[str]) -> str:
