@@ -44,7 +44,8 @@ def check_command(
         Optional[Path], typer.Option("--labels", "-l", help="Labels CSV (default: DATA_DIR/labels.csv).")
     ] = None,
     key_column: Annotated[
-        str, typer.Option("--key-column", help="CSV column with the SOP Instance UID or relative path.")
+        str, typer.Option("--key-column", help="CSV column with the SOP Instance UID or relative path "
+                           "(default: sop_instance_uid, else a 'path' column).")
     ] = DEFAULT_KEY_COLUMN,
     label_column: Annotated[
         str, typer.Option("--label-column", help="CSV column with the class.")

@@ -12,6 +12,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEY_COLUMN = "sop_instance_uid"
+#: The key column used when the CSV has no ``DEFAULT_KEY_COLUMN``: image paths relative to the site folder.
+PATH_KEY_COLUMN = "path"
 DEFAULT_LABEL_COLUMN = "label"
 DEFAULT_LABELS_NAME = "labels.csv"
 
@@ -75,6 +77,23 @@ def _find_column(fieldnames: Sequence[str], wanted: str, what: str, path: Path) 
     return found
 
 
+def _key_column(fieldnames: Sequence[str], wanted: str, path: Path) -> str:
+    """The key column: ``wanted``, or ``path`` when ``wanted`` is the default and the CSV has only ``path``."""
+    try:
+        return _find_column(fieldnames, wanted, "key", path)
+    except ValueError:
+        if wanted.strip().lower() != DEFAULT_KEY_COLUMN:
+            raise
+    try:
+        found = _find_column(fieldnames, PATH_KEY_COLUMN, "key", path)
+    except ValueError:
+        raise ValueError(f"{path}: no key column {DEFAULT_KEY_COLUMN!r} nor {PATH_KEY_COLUMN!r}; columns are "
+                         f"{', '.join(fieldnames) or '(none)'}; name the column holding each image's SOP Instance "
+                         "UID or relative path (--key-column, or data.dicom_key_column)") from None
+    logger.info("labels %s: no %r column, keyed by its %r column", path, DEFAULT_KEY_COLUMN, found)
+    return found
+
+
 def _sniff_dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
     try:
         return csv.Sniffer().sniff(sample, delimiters=",;\t")
@@ -104,7 +123,9 @@ def read_labels(
     Args:
         path: The CSV file.
         key_column: Column with the image key (SOP Instance UID or path relative to
-            the site folder); matched case-insensitively.
+            the site folder); matched case-insensitively. With the default
+            (``sop_instance_uid``), a CSV without that column but with a ``path``
+            column is keyed by ``path``.
         label_column: Column with the class (a name or a 0-based integer).
         label_names: Class names in index order. ``None``: inferred, ``0..max`` when
             every label is an integer, else the sorted distinct values.
@@ -120,7 +141,7 @@ def read_labels(
     text = csv_path.read_text(encoding="utf-8-sig")
     reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(text[:4096]))
     fieldnames = list(reader.fieldnames or [])
-    key_col = _find_column(fieldnames, key_column, "key", csv_path)
+    key_col = _key_column(fieldnames, key_column, csv_path)
     label_col = _find_column(fieldnames, label_column, "label", csv_path)
     labels: dict[str, str] = {}
     seen: dict[str, set[str]] = {}
