@@ -100,7 +100,7 @@ def run_live(run: RunRecords) -> str:
     """Everything on a run page that changes while it runs."""
     metric = run.headline_metric()
     name = METRIC_NAMES.get(metric, metric)
-    parts = [f"<p>{state_badge(run.state())} {_progress(run)}</p>", _failure(run)]
+    parts = [_links(run), f"<p>{state_badge(run.state())} {_progress(run)}</p>", _failure(run)]
     parts.append('<div class="charts">' + _metric_chart(run, metric, name) + _loss_chart(run)
                  + _epsilon_chart(run) + "</div>")
     parts.append("<h2>Privacy: ε per site</h2>" + _epsilon_table(run))
@@ -155,7 +155,8 @@ def _epsilon_chart(run: RunRecords) -> str:
     for row in run.privacy.rows:
         by_site.setdefault(str(row.get("site", "?")), []).append((row.get("round", 0), number(row.get("epsilon"))))
     target = number(run.setting("privacy.target_epsilon")) if run.setting("privacy.enabled", False) else None
-    return line_chart(chart_id="epsilon", title="ε spent per site",
+    top = max([target or 0.0, *(y for pts in by_site.values() for _, y in pts if y is not None)])
+    return line_chart(chart_id="epsilon", y_range=(0.0, top * 1.05) if top > 0 else None, title="ε spent per site",
                       series=[Series(s, by_site[s], colour=site_colour(i))
                               for i, s in enumerate(_site_names(run)) if s in by_site],
                       target=("target ε", target) if target is not None else None)
@@ -203,22 +204,26 @@ def _rounds_table(run: RunRecords, metric: str, name: str) -> str:
     return table(head, rows, css="rounds")
 
 
-def run_page(run: RunRecords) -> str:
-    """The whole run page: settings and links (static), then :func:`run_live`."""
-    settings = run.config()
-    head = f"<p>{h(run.setting('data.dataset', '?'))} · {h(run.setting('data.num_sites', '?'))} sites · " \
-           f"{h(run.setting('model.name', '?'))} · {h(run.setting('strategy.name', '?'))} · {_dp_text(run)}</p>"
+def _links(run: RunRecords) -> str:
+    """Links to the run's reports and plots that exist so far (most are written when it ends)."""
     links = [f'<a href="{file_url(run.key, rel)}">{h(label)}</a>' for label, rel in RUN_LINKS
              if (run.path / rel).is_file()]
     for folder in ("plots", "clinical"):
         links += [f'<a href="{file_url(run.key, f"{folder}/{p.name}")}">{h(folder)}/{h(p.name)}</a>'
                   for p in sorted((run.path / folder).glob("*.png"))]
+    return '<p class="links">' + " · ".join(links) + "</p>" if links else ""
+
+
+def run_page(run: RunRecords) -> str:
+    """The whole run page: settings and links (static), then :func:`run_live`."""
+    settings = run.config()
+    head = f"<p>{h(run.setting('data.dataset', '?'))} · {h(run.setting('data.num_sites', '?'))} sites · " \
+           f"{h(run.setting('model.name', '?'))} · {h(run.setting('strategy.name', '?'))} · {_dp_text(run)}</p>"
     details = "".join(
         f"<details><summary>{h(section)}</summary>"
         + table(["key", "value"], ([h(k), h(v)] for k, v in (settings.get(section) or {}).items())) + "</details>"
         for section in SETTINGS if isinstance(settings.get(section), dict))
-    body = (head + ('<p class="links">' + " · ".join(links) + "</p>" if links else "")
-            + f'<div id="live-part">{run_live(run)}</div>'
+    body = (head + f'<div id="live-part">{run_live(run)}</div>'
             + f'<section class="settings"><h2>Strategy and DP settings</h2>{details}</section>')
     return layout(title=run.key, body=body, live_url=f"/api/run/{quote(run.key)}", version=run.version(),
                   crumbs="› run")

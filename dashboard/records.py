@@ -247,7 +247,14 @@ class RunRecords:
 
     def version(self) -> str:
         """Changes whenever something shown on the run page changes."""
-        return f"{len(self.rounds.rows)}.{len(self.sites.rows)}.{len(self.privacy.rows)}.{self.state()}"
+        folders = []  # reports and plots appear after the summary: a new file changes its folder's mtime
+        for folder in (self.path, self.path / "plots", self.path / "clinical"):
+            try:
+                folders.append(str(folder.stat().st_mtime_ns))
+            except FileNotFoundError:
+                folders.append("-")
+        return f"{len(self.rounds.rows)}.{len(self.sites.rows)}.{len(self.privacy.rows)}.{self.state()}." + \
+            ".".join(folders)
 
 
 @dataclass

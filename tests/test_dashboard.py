@@ -137,6 +137,10 @@ def test_live_api_sends_html_only_when_a_round_was_recorded(runs_dir: Path) -> N
     assert "0.9300" in update["html"]
     runs = client.get("/api/runs").json()
     assert "3/5" in runs["html"]
+    (runs_dir / "demo" / "model_card.md").write_text("# model card\n")  # written after the summary
+    os.utime(runs_dir / "demo", ns=(1, 1))  # a coarse-mtime file system: the listing still changes
+    links = client.get("/api/run/demo", params={"version": update["version"]}).json()
+    assert '<a href="/file/demo?path=model_card.md">model card</a>' in links["html"]
 
 
 def test_tail_reads_only_appended_bytes_and_waits_for_a_whole_line(tmp_path: Path) -> None:
