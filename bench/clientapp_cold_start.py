@@ -34,7 +34,7 @@ RUNNER = "import flwr.supernode.cli.flwr_clientapp"
 
 #: One message through medfed's ClientApp in a fresh process; prints whether Opacus got loaded.
 CASE = """
-import sys, time
+import sys, tempfile, time
 {runner}
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -45,8 +45,9 @@ from federation.models import build_model
 config = load_config(None, {overrides!r})
 # The global weights arrive by message in a deployment; here they are built without the DP check.
 weights = build_model(config.model, in_channels=1, num_classes=2, dp=False).state_dict()
-context = Context(run_id=1, node_id=1, node_config={{"partition-id": 0, "num-partitions": 2}},
-                  state=RecordDict(), run_config=to_flat(config))
+disk = tempfile.mkdtemp(prefix="medfed-cold-")  # a deployed site: its own data and state folders
+node_config = {{"site-name": "site-1", "data-dir": disk, "state-dir": disk, "partition-id": 0, "num-partitions": 2}}
+context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=to_flat(config))
 content = RecordDict({{"arrays": ArrayRecord(weights),
                       "config": ConfigRecord({{"server-round": 1, "run-name": "cold"}})}})
 metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",

@@ -105,13 +105,24 @@ def throughput(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _simulated_site(config, *, index: int, sites: int, tmp: str):
+    """Site ``index`` of an in-process simulated federation (outside a simulation engine, so built directly)."""
+    from pathlib import Path
+
+    from client.site import SiteSettings
+
+    name = f"site-{index + 1}"
+    return SiteSettings(name=name, site_index=index, num_sites=sites, data_dir=config.data.data_dir,
+                        state_dir=Path(tmp) / "site-state" / name, run_name="gpu", simulated=True)
+
+
 def federation(args: argparse.Namespace) -> dict:
     """A short DP federation through the sites' code and the streaming FedAvg, on the GPU."""
     import torch
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
     from client import cache
-    from client.site import evaluate_round, site_settings, train_round
+    from client.site import evaluate_round, train_round
     from federation.config import load_config
     from federation.data import dataset_info
     from federation.models import build_model
@@ -132,8 +143,7 @@ def federation(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             replies, seconds, devices = [], [], set()
             for index in range(args.sites):
-                settings = site_settings(node_config={"partition-id": index, "num-partitions": args.sites},
-                                         config=config, run_name="gpu")
+                settings = _simulated_site(config, index=index, sites=args.sites, tmp=tmp)
                 outcome = train_round(config=config, settings=settings, global_weights=weights,
                                       server_round=server_round)
                 devices |= {str(p.device) for model in cache._models.values() for p in model.parameters()}
@@ -143,8 +153,7 @@ def federation(args: argparse.Namespace) -> dict:
             weights = aggregate_arrayrecords_streaming(replies, "num-examples").to_torch_state_dict()
             aucs = []
             for index in range(args.sites):
-                settings = site_settings(node_config={"partition-id": index, "num-partitions": args.sites},
-                                         config=config, run_name="gpu")
+                settings = _simulated_site(config, index=index, sites=args.sites, tmp=tmp)
                 aucs.append(evaluate_round(config=config, settings=settings, global_weights=weights)["auc"])
             row = {"round": server_round, "seconds": time.perf_counter() - start, "site_train_s": seconds,
                    "site_auc": aucs, "devices": sorted(devices)}

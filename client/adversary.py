@@ -1,10 +1,11 @@
 """Scenario hooks of a *simulated* site: faults and attacks (``faults`` / ``attack`` sections).
 
 :func:`client.site.train_round` calls these three functions. Each one does nothing
-unless its config section is set **and** the site is simulated (Flower's
-simulation gives it a ``partition-id`` and no ``site-name``): a real hospital's
-SuperNode never fails on purpose nor poisons its update, whatever run config a
-coordinator sends.
+unless its config section is set **and** the site is simulated: its ClientApp
+runs inside a simulation engine and its node config has no ``state-dir``
+(:func:`client.simulated.is_simulated_site`, the one rule). A deployed SuperNode,
+or any site with a ``state-dir``, never fails on purpose nor poisons its update,
+whatever run config a coordinator sends and whatever its node config lacks.
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.admission import evaluate_refusal
-from client.guard import EVALUATE_METRICS, TRAIN_METRICS, check_reply
+from client.guard import EVALUATE_METRICS, TRAIN_METRICS, check_reply, refusal
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
 from client.site import evaluate_round, train_round
 from client.transfer import update_record
+from federation.data import DataMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,15 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
         request.audit["refused"] = reason
         content["status"] = ConfigRecord({"refused": reason})
         return check_reply(content, allowed_metrics=())
-    metrics = evaluate_round(
-        config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict()
-    )
+    try:
+        metrics = evaluate_round(
+            config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict()
+        )
+    except DataMismatch as mismatch:  # site-only data unlike the declared classes/channels/size
+        reason = refusal("data-mismatch", mismatch.detail)
+        request.audit["refused"] = reason
+        content["status"] = ConfigRecord({"refused": reason})
+        return check_reply(content, allowed_metrics=())
     content["metrics"] = MetricRecord(metrics)
     return check_reply(content, allowed_metrics=EVALUATE_METRICS)
 

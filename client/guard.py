@@ -47,6 +47,7 @@ REFUSAL_CODES: dict[str, str] = {
     "dp-required": "privacy.enabled is false and the policy does not allow non-DP training",
     "noise-too-low": "the noise multiplier is below the policy's min_noise_multiplier",
     "clipping-too-high": "privacy.max_grad_norm is above the policy's max_grad_norm",
+    "data-mismatch": "the site's data disagrees with the classes, channels or size the run config declares",
 }
 #: What a site name must look like (from node config ``site-name``, set by the hospital).
 SITE_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")

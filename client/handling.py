@@ -26,7 +26,7 @@ from client.audit import AuditLog, describe_config, describe_sent
 from client.guard import error_reply
 from client.policy import PolicyError, SitePolicy, policy_source, site_policy
 from client.ledger import PrivacyLedger
-from client.site import SiteSettings, TrainOutcome, site_settings
+from client.site import SiteConfigError, SiteSettings, TrainOutcome, check_node_config, site_settings
 from federation.config import ExperimentConfig, from_flat
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,13 @@ class SitePolicyInvalid(RuntimeError):
 
     def __init__(self) -> None:
         super().__init__("the site's policy file is invalid; details are in the site's own log")
+
+
+class SiteNodeConfigIncomplete(RuntimeError):
+    """A real site's node config lacks site-name, data-dir or state-dir; which one is in the site's log only."""
+
+    def __init__(self) -> None:
+        super().__init__("the site's node config is incomplete; details are in the site's own log")
 
 
 @dataclass
@@ -135,12 +142,21 @@ def handle(
 
 
 def check_policy_at_start(context: Context) -> Iterator[None]:
-    """ClientApp lifespan: refuse to start under an invalid policy (full error in the site's log).
+    """ClientApp lifespan: refuse to start without a complete node config or under an invalid policy.
+
+    A real site must set ``site-name``, ``data-dir`` and ``state-dir`` itself
+    (:func:`client.site.check_node_config`); the full errors go to the site's log.
 
     Raises:
+        SiteNodeConfigIncomplete: A real site's node config lacks one of them.
         SitePolicyInvalid: The policy named by the node (or, simulated, run) config is invalid;
-            its message names no file or key, since Flower sends it to the coordinator.
+            neither message names a file or key, since Flower sends it to the coordinator.
     """
+    try:
+        check_node_config(context.node_config)
+    except SiteConfigError as err:
+        logger.error("site refuses to start: %s", err)
+        raise SiteNodeConfigIncomplete() from None
     try:
         site_policy(node_config=context.node_config, run_config=context.run_config)
     except PolicyError as err:

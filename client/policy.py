@@ -19,8 +19,8 @@ the deltas (every run that trained with DP adds its ``privacy.target_delta`` onc
 
 A simulation cannot give each simulated node its own node config, so simulated
 sites share the policy named by the run-config key ``simulation.site_policy``;
-a real site (one whose node config sets ``state-dir``) never takes its policy from
-the run config, which the coordinator controls.
+a real site (any site outside a simulation engine, see :mod:`client.simulated`)
+never takes its policy from the run config, which the coordinator controls.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from client.simulated import is_simulated_site
+
 logger = logging.getLogger(__name__)
 
 #: Node-config key naming the site's policy file.
 NODE_POLICY = "policy"
-#: Node-config key whose presence marks a real (non-simulated) site.
+#: Node-config key of the site's own disk (a site with one is never simulated).
 NODE_STATE_DIR = "state-dir"
 #: Run-config key of the policy simulated sites share.
 RUN_SITE_POLICY = "simulation.site_policy"
@@ -179,13 +181,14 @@ class PolicySource:
 def policy_source(*, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> PolicySource:
     """Which policy file governs this site.
 
-    The node config's ``policy`` wins. A simulated site (no ``state-dir`` in its node
-    config) falls back to the flat run config's ``simulation.site_policy``; a real
-    site never does, since the run config comes from the coordinator.
+    The node config's ``policy`` wins. A simulated site (inside a simulation engine:
+    :func:`client.simulated.is_simulated_site`) falls back to the flat run config's
+    ``simulation.site_policy``; a real site never does, since the run config comes
+    from the coordinator.
     """
     if str(node_config.get(NODE_POLICY, "")).strip():
         return PolicySource(path=str(node_config[NODE_POLICY]).strip(), origin="node config 'policy'")
-    if NODE_STATE_DIR not in node_config and str(run_config.get(RUN_SITE_POLICY, "")).strip():
+    if is_simulated_site(node_config) and str(run_config.get(RUN_SITE_POLICY, "")).strip():
         return PolicySource(path=str(run_config[RUN_SITE_POLICY]).strip(), origin=f"run config {RUN_SITE_POLICY}")
     return PolicySource(path="", origin="none")
 
@@ -198,7 +201,7 @@ def site_policy(*, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     """
     source = policy_source(node_config=node_config, run_config=run_config)
     if not source.path:
-        if NODE_STATE_DIR in node_config:
+        if not is_simulated_site(node_config):
             logger.warning("site has no policy (node config key %r): no limits besides the run config",
                            NODE_POLICY)
         return None

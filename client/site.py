@@ -22,6 +22,7 @@ from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
 from client.ledger import PrivacyLedger, check_run_name
 from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
+from client.simulated import is_simulated_site
 from federation.config import ExperimentConfig
 from federation.data import SiteData
 from federation.metrics.clinical import ClinicalSettings, clinical_metrics
@@ -42,6 +43,14 @@ NODE_NUM_PARTITIONS = "num-partitions"
 # NODE_POLICY ("policy": the site's policy YAML) is defined in client.policy.
 
 
+class SiteConfigError(RuntimeError):
+    """A real site's node config lacks a key it must set (the site's log names them)."""
+
+
+#: Node-config keys every real site must set: the coordinator never chooses its name or folders.
+REAL_SITE_KEYS = (NODE_SITE_NAME, NODE_DATA_DIR, NODE_STATE_DIR)
+
+
 @dataclass(frozen=True)
 class SiteSettings:
     """Where a site is and which slice of data it holds, from Flower's node config."""
@@ -52,7 +61,7 @@ class SiteSettings:
     data_dir: str
     state_dir: Path
     run_name: str = "run"
-    simulated: bool = False  # Flower simulation (partition-id, no site-name): faults/attacks may apply
+    simulated: bool = False  # inside a simulation engine (client.simulated): faults/attacks may apply
 
     @property
     def run_state_dir(self) -> Path:
@@ -60,43 +69,65 @@ class SiteSettings:
         return self.state_dir / "runs" / self.run_name
 
 
+def check_node_config(node_config: Mapping[str, Any]) -> None:
+    """Raise :class:`SiteConfigError` unless a real site's node config sets ``site-name``, ``data-dir``, ``state-dir``.
+
+    Simulated sites (:func:`client.simulated.is_simulated_site`) pass: their engine
+    gives them only ``partition-id``/``num-partitions``.
+    """
+    if is_simulated_site(node_config):
+        return
+    missing = [key for key in REAL_SITE_KEYS if not str(node_config.get(key, "")).strip()]
+    if missing:
+        raise SiteConfigError(
+            f"this SuperNode's node config lacks {', '.join(repr(k) for k in missing)}: a real site must set "
+            f"its own {', '.join(REAL_SITE_KEYS)} (`medfed deploy supernode --site-name ... --data-dir ... "
+            "--state-dir ...`); the run config may not choose them"
+        )
+
+
 def site_settings(
     *, node_config: Mapping[str, Any], config: ExperimentConfig, run_name: str
 ) -> SiteSettings:
-    """Resolve a site's settings from its node config, falling back to the run config.
+    """Resolve a site's settings: a real site's from its node config only.
 
-    In simulation Flower sets only ``partition-id`` and ``num-partitions``; a real
-    SuperNode sets ``site-name``, ``data-dir`` and ``state-dir`` as well.
+    A real SuperNode sets ``site-name``, ``data-dir`` and ``state-dir`` (required:
+    :func:`check_node_config`); no run-config key chooses its name, data or ledger.
+    A simulated site (inside a simulation engine, no ``state-dir``) gets only
+    ``partition-id`` and ``num-partitions`` from Flower, so it takes its data folder
+    from ``data.data_dir`` and keeps its "disk" under ``simulation.site_state_dir`` or
+    the run directory.
 
     Args:
         node_config: Flower node config of this SuperNode.
         config: The run's experiment config.
         run_name: Name of the run (keys the site's privacy state on disk).
+
+    Raises:
+        SiteConfigError: A real site's node config lacks one of :data:`REAL_SITE_KEYS`.
     """
-    if NODE_PARTITION_ID in node_config:
+    check_node_config(node_config)
+    simulated = is_simulated_site(node_config)
+    if NODE_PARTITION_ID in node_config:  # a demo deployment may slice a shared data set too
         site_index = int(node_config[NODE_PARTITION_ID])
-        num_sites = int(node_config.get(NODE_NUM_PARTITIONS, config.data.num_sites))
+        fallback = config.data.num_sites if simulated else site_index + 1
+        num_sites = int(node_config.get(NODE_NUM_PARTITIONS, fallback))
     else:
         site_index, num_sites = 0, 1
     name = check_site_name(str(node_config.get(NODE_SITE_NAME, f"site-{site_index + 1}")))
     check_run_name(run_name)
-    data_dir = str(node_config.get(NODE_DATA_DIR, config.data.data_dir))
-    if NODE_STATE_DIR in node_config:
-        base = Path(str(node_config[NODE_STATE_DIR])).expanduser()
-    elif getattr(config.simulation, "site_state_dir", ""):
-        # Simulated hospitals whose disks outlive one run (lifetime budgets across runs).
-        base = Path(config.simulation.site_state_dir).expanduser()
+    if not simulated:
+        data_dir, base = str(node_config[NODE_DATA_DIR]), Path(str(node_config[NODE_STATE_DIR])).expanduser()
     else:
-        # A simulated site keeps its "disk" inside the run directory.
-        base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
+        data_dir = str(node_config.get(NODE_DATA_DIR, config.data.data_dir))
+        if getattr(config.simulation, "site_state_dir", ""):
+            # Simulated hospitals whose disks outlive one run (lifetime budgets across runs).
+            base = Path(config.simulation.site_state_dir).expanduser()
+        else:  # a simulated site keeps its "disk" inside the run directory
+            base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
     return SiteSettings(
-        name=name,
-        site_index=site_index,
-        num_sites=num_sites,
-        data_dir=data_dir,
-        state_dir=base / name,
-        run_name=run_name,
-        simulated=NODE_PARTITION_ID in node_config and NODE_SITE_NAME not in node_config,
+        name=name, site_index=site_index, num_sites=num_sites, data_dir=data_dir, state_dir=base / name,
+        run_name=run_name, simulated=simulated,
     )
 
 

@@ -164,10 +164,12 @@ def connection_cmd(
 def supernode_cmd(
     superlink: Annotated[str, typer.Option("--superlink", help="The coordinator's proxy, HOST:PORT.")],
     site_name: Annotated[str, typer.Option("--site-name", help="This hospital's name.")],
+    data_dir: Annotated[str, typer.Option("--data-dir", help="The site's data folder (required).")],
+    state_dir: Annotated[
+        str, typer.Option("--state-dir", help="Where the site keeps its privacy ledger and audit log (required).")
+    ],
     ca: Annotated[Path, typer.Option("--ca", help="Consortium ca.pem.")] = Path("certs/ca.pem"),
     key: Annotated[Path, typer.Option("--key", help="This site's site.key (0600).")] = Path("certs/site.key"),
-    data_dir: Annotated[str, typer.Option("--data-dir", help="The site's data folder.")] = "",
-    state_dir: Annotated[str, typer.Option("--state-dir", help="Where the site keeps its privacy ledger.")] = "",
     policy: Annotated[str, typer.Option("--policy", help="The site's policy YAML.")] = "",
     runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local port for ClientApp processes.")] = 9094,
     partition_id: Annotated[

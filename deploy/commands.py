@@ -117,9 +117,21 @@ class SuperNodeSpec:
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """``flower-supernode`` trusting the consortium CA and signing with the site key.
 
-    The CA and the key are checked first (dates, CA flag, 0600, OpenSSH EC key).
+    The site's data and state folders are required: a real site never lets the run
+    config (the coordinator) choose where its data or privacy ledger is. The CA and
+    the key are checked next (dates, CA flag, 0600, OpenSSH EC key).
+
+    Raises:
+        ValueError: An invalid site name, or no data or state folder.
     """
     check_site_name(spec.site_name)
+    missing = [option for option, value in (("--data-dir", spec.data_dir), ("--state-dir", spec.state_dir))
+               if not str(value).strip()]
+    if missing:
+        raise ValueError(
+            f"a hospital's SuperNode needs {' and '.join(missing)}: the site's own data folder and the folder of "
+            "its privacy ledger and audit log (the coordinator's run config may not choose them)"
+        )
     values: dict[str, str | int] = {"site-name": spec.site_name}
     for key, value in (("data-dir", spec.data_dir), ("state-dir", spec.state_dir), ("policy", spec.policy)):
         if value:

@@ -29,6 +29,7 @@ from deploy.commands import (
 from deploy.fast_supernode import POLL_ENV
 from deploy.flwr_config import write_connection
 from deploy.nginx import FleetProxy, write_standalone
+from federation.data.paths import resolve_data_dir
 
 logger = logging.getLogger(__name__)
 CONNECTION = "consortium"
@@ -209,6 +210,7 @@ class LocalConsortium:
         spec = SuperNodeSpec(
             superlink=self.proxy_address, site_name=site, ca_cert=ca or self.certs / "server" / CA_CERT,
             private_key=key or self.certs / "sites" / site / SITE_KEY, state_dir=str(self.workdir / "state" / site),
+            data_dir=str(resolve_data_dir()),  # the demo's sites slice one shared data set (partition-id)
             runtime_port=free_port(), extra_node_config={"partition-id": index, "num-partitions": num_sites},
         )
         cmd = supernode_command(spec)

@@ -65,7 +65,7 @@ i=0
 for s in hospital-a hospital-b hospital-c; do
     start "$s" env FLWR_HOME="$W/hospitals/$s/flwr-home" medfed deploy supernode --superlink "127.0.0.1:$PX" \
         --site-name "$s" --ca "$W/certs/server/ca.pem" --key "$W/certs/sites/$s/site.key" \
-        --state-dir "$W/hospitals/$s/state" --runtime-port "$(port)" --partition-id "$i" --num-partitions 3
+        --data-dir "$W/hospitals/$s/data" --state-dir "$W/hospitals/$s/state" --runtime-port "$(port)" --partition-id "$i" --num-partitions 3
     i=$((i + 1))
 done
 for s in hospital-a hospital-b hospital-c; do
@@ -76,10 +76,12 @@ step "6. refused: a SuperNode whose key is not registered, and one that does not
 medfed certs init --out "$W/other-ca" >/dev/null
 if FLWR_HOME="$W/hospitals/rogue" medfed deploy supernode --superlink "127.0.0.1:$PX" --site-name rogue \
     --ca "$W/certs/server/ca.pem" --key "$W/certs/sites/rogue/site.key" --runtime-port "$(port)" \
+    --data-dir "$W/hospitals/rogue/data" --state-dir "$W/hospitals/rogue/state" \
     >"$W/logs/rogue.log" 2>&1; then echo "rogue connected?!"; exit 1; fi
 grep -m1 "Failed to activate SuperNode" "$W/logs/rogue.log"
 if medfed deploy supernode --superlink "127.0.0.1:$PX" --site-name hospital-a --ca "$W/other-ca/ca.pem" \
-    --key "$W/certs/sites/hospital-a/site.key" >"$W/logs/untrusting.log" 2>&1; then echo "connected?!"; exit 1; fi
+    --key "$W/certs/sites/hospital-a/site.key" --data-dir "$W/hospitals/hospital-a/data" \
+    --state-dir "$W/hospitals/hospital-a/state" >"$W/logs/untrusting.log" 2>&1; then echo "connected?!"; exit 1; fi
 grep -m1 -A1 "is not trusted" "$W/logs/untrusting.log"
 
 step "7. coordinator: start a 2-round run, follow it, kill -9 hospital-c mid-run"

@@ -20,11 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from federation.config import ConfigError, ExperimentConfig, from_flat
-from federation.data import dataset_info, load_central_test
+from federation.config import ConfigError, ExperimentConfig, dataset_problems, from_flat
+from federation.data import dataset_info
 from federation.models import build_model
 from federation.training import evaluate, select_device
-from server.central_eval import CentralEvaluation, PrefetchCentralEvaluation
+from server.central_eval import CentralEvaluation, PrefetchCentralEvaluation, central_test_set
 from server.model_card import finish_run
 from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
@@ -74,10 +74,10 @@ def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
 
 
 def _central_evaluation(config: ExperimentConfig, model: torch.nn.Module) -> CentralEvaluation | None:
-    """The coordinator's evaluation on the pooled test split (``server.central_eval``), or None."""
-    if not config.server.central_eval:
+    """The coordinator's evaluation on its test data (``server.central_eval``, see ``central_test_set``), or None."""
+    test_set = central_test_set(config)
+    if test_set is None:
         return None
-    test_set = load_central_test(config.data, seed=config.seed)
     device = select_device(config.train.device)
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
@@ -171,6 +171,9 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
     Returns:
         The run directory.
     """
+    problems = dataset_problems(config)  # before anything starts: site-only data declares the model's shape
+    if problems:
+        raise ConfigError(problems, source="run config")
     run = _open_run(config)
     model = _initial_model(config)
     arrays = ArrayRecord(model.state_dict())

@@ -16,14 +16,60 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from federation.config import ExperimentConfig
 from strategies.wrapper import StrategyWrapper
 
+if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
 logger = logging.getLogger(__name__)
+
+
+def central_test_set(config: ExperimentConfig) -> TensorDataset | None:
+    """The data the coordinator evaluates each global model on, or None when it evaluates nothing itself.
+
+    * ``server.central_eval=false``: None.
+    * Data that exists only at the sites (a site-only dataset such as ``dicom``): the
+      coordinator's own validation folder ``server.central_eval_dir``, every image in
+      it, checked against the declared classes, channels and size like a site's data;
+      without that folder None: the sites' own evaluations are the run's metrics.
+    * Otherwise: the dataset's pooled test split.
+
+    Raises:
+        ValueError: The validation folder disagrees with the declared shape (named).
+    """
+    if not config.server.central_eval:
+        return None
+    import numpy as np  # noqa: PLC0415 - the data stack loads with the run, not with this module
+    import torch  # noqa: PLC0415
+    from torch.utils.data import TensorDataset  # noqa: PLC0415
+
+    from federation.data import DataMismatch, check_site_data, is_site_only, load_central_test, load_dataset  # noqa: PLC0415
+
+    if not is_site_only(config.data.dataset):
+        return load_central_test(config.data, seed=config.seed)
+    folder = config.server.central_eval_dir
+    if not folder:
+        logger.info("no central evaluation: %s data exists only at the sites (server.central_eval_dir is not set); "
+                    "the sites' evaluations are the run's metrics", config.data.dataset)
+        return None
+    data = config.data.model_copy(update={"data_dir": folder})
+    try:
+        splits = load_dataset(data, seed=config.seed)
+        check_site_data(data, splits)
+    except DataMismatch as err:
+        raise ValueError(f"server.central_eval_dir={folder}: the coordinator's validation data disagrees with the "
+                         f"run config: {err.detail}") from None
+    images = np.concatenate([splits.train_images, splits.test_images])
+    labels = np.concatenate([splits.train_labels, splits.test_labels])
+    logger.info("central evaluation on %d images of %s", len(labels), folder)
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
 Evaluate = Callable[[ArrayRecord], dict[str, float]]
 """``evaluate(arrays) -> metrics`` of one global model."""

@@ -39,7 +39,7 @@ def latest_site_rows(run_dir: Path, phase: str = "evaluate") -> dict[str, dict[s
 
 
 #: Why a number is missing, shown as "n/a (<reason>)" by every report.
-NOT_REPORTED = "not reported by the site (suppressed or absent)"
+NOT_REPORTED = "suppressed or not sent by the site"
 NO_SAMPLES = "no samples"
 ONE_CLASS = "one class in the test split"
 NO_POSITIVES = "no positives in the test split"

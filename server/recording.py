@@ -102,6 +102,10 @@ class RecordingStrategy(StrategyWrapper):
             if msg.has_error():
                 self.current.setdefault("failed", {})[name] = msg.error.reason
                 continue
+            status = msg.content.get("status")
+            if isinstance(status, ConfigRecord) and "refused" in status:  # e.g. data-mismatch, model-not-allowed
+                self.current.setdefault("refused", {}).setdefault(name, str(status["refused"]))
+                continue
             metrics = _metrics(msg)
             self.current.setdefault("sites", {}).setdefault(name, {})["evaluate"] = metrics
             self.run.append(SITES_FILE, {"round": rnd, "site": name, "phase": "evaluate", "metrics": metrics})

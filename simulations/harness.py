@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.config import ConfigError, ExperimentConfig, load_config
+from federation.config import ConfigError, ExperimentConfig, dataset_problems, load_config
 from federation.data import resolve_data_dir
 from server.run_dir import CONFIG_FILE, ROUNDS_FILE, default_run_name
 from simulations.engine import run_engine, start_ray, stop_ray
@@ -103,6 +103,7 @@ def _complete_config(config: ExperimentConfig, source: str) -> ExperimentConfig:
     from simulations.scenario import scenario_problems  # noqa: PLC0415 - registries (torch): not for `medfed --help`
 
     problems = scenario_problems(config)  # faults/attack/quantity/shift settings that span sections
+    problems += dataset_problems(config)  # site-only data: the model's shape declared in the config
     if problems:
         raise ConfigError(problems, source=source)
     data = config.data.model_copy(update={"data_dir": str(resolve_data_dir(config.data.data_dir))})

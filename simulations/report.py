@@ -18,7 +18,9 @@ PLOTS_DIR = "plots"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:  # not applicable (round 0 trains nothing) or not sent
+        return "–"
+    if isinstance(value, float) and math.isnan(value):  # undefined, e.g. the AUC of a one-class split
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"

@@ -151,3 +151,16 @@ def real_site(tmp_path: Path) -> RealSite:
     ``real_site.state_dir / real_site.name``.
     """
     yield RealSite(tmp_path)
+
+
+@pytest.fixture
+def simulated_site_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this test process count as a simulation engine's site worker (:mod:`client.simulated`).
+
+    In a real run only a worker of Flower's Ray actor pool is; tests that call the
+    ClientApp or ``site_settings`` in-process with a simulation's node config
+    (``partition-id``, no ``state-dir``) need this to get a simulated site.
+    """
+    import client.simulated as simulated
+
+    monkeypatch.setattr(simulated, "_in_flower_simulation_actor", lambda: True)

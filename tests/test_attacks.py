@@ -96,12 +96,13 @@ class _Site:
     simulated: bool
 
 
-def test_hooks_act_only_at_simulated_sites(tmp_path: Path) -> None:
+def test_hooks_act_only_at_simulated_sites(tmp_path: Path, simulated_site_process: None) -> None:
     config = load_config(None, ["data.num_sites=2", "attack.kind=scale", "attack.sites=2", "attack.scale=3",
                                 "faults.dropout_rate=0.5", f"server.out_dir={tmp_path}"])
-    real = site_settings(node_config={"site-name": "hospital-b", "partition-id": 1}, config=config, run_name="r")
+    real = site_settings(node_config={"site-name": "hospital-b", "partition-id": 1, "data-dir": str(tmp_path),
+                                      "state-dir": str(tmp_path)}, config=config, run_name="r")
     simulated = site_settings(node_config={"partition-id": 1, "num-partitions": 2}, config=config, run_name="r")
-    assert simulated.simulated and not real.simulated
+    assert simulated.simulated and not real.simulated  # a state-dir makes a real site, even inside an engine
     old, new = _weights()
     assert outgoing_weights(config, real, global_weights=old, local_weights=new, server_round=1) is new
     attacked = outgoing_weights(config, simulated, global_weights=old, local_weights=new, server_round=1)

@@ -68,15 +68,15 @@ def test_supernode_command_checks_key_and_ca(pki: Path, tmp_path: Path, caplog: 
     ]
     with pytest.raises(CertificateError, match="is not a CA certificate"):
         supernode_command(SuperNodeSpec(superlink="x:1", site_name="a", ca_cert=pki / "server" / "server.pem",
-                                        private_key=site / "site.key"))
+                                        private_key=site / "site.key", data_dir="/d", state_dir="/s"))
     exposed = create_site_keys(name="b", out_dir=tmp_path / "b")
     exposed.private_key.chmod(0o640)
     with pytest.raises(CertificateError, match="readable by others"):
         supernode_command(SuperNodeSpec(superlink="x:1", site_name="b", ca_cert=pki / "ca" / "ca.pem",
-                                        private_key=exposed.private_key))
+                                        private_key=exposed.private_key, data_dir="/d", state_dir="/s"))
     with caplog.at_level(logging.WARNING):
         insecure = supernode_command(SuperNodeSpec(superlink="x:1", site_name="b", ca_cert=None, private_key=None,
-                                                   insecure=True))
+                                                   data_dir="/d", state_dir="/s", insecure=True))
     assert insecure[-1] == "--insecure" and "INSECURE" in caplog.text
 
 

@@ -67,6 +67,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) ->
     policy.write_text(yaml.safe_dump({"lifetime_epsilon": 100.0, "lifetime_delta": 1e-3, "max_rounds_per_run": 1}))
     config = resolve_config(overrides=[
         "data.dataset=dicom", f"data.data_dir={site}", "data.num_sites=2", "data.dicom_test_fraction=0.25",
+        "data.dicom_label_names=normal,pneumonia", "data.dicom_channels=1",  # the coordinator holds no images
         "model.width=4", "train.batch_size=8", "strategy.min_sites=2", "server.rounds=2",
         "privacy.noise_multiplier=1.0", "privacy.target_epsilon=1000",
         f"server.out_dir={tmp / 'runs'}", f"server.run_name={RUN}", f"simulation.site_policy={policy}",
@@ -97,10 +98,13 @@ def _context(config, node: int, **node_config) -> Context:
 def replies(hospital: dict) -> list[tuple[str, Message]]:
     """What both sites send in round 1 (train, evaluate) and round 2 (train: refused by max_rounds_per_run)."""
     out = []
-    for node in (1, 2):
-        context = _context(hospital["config"], node)
-        for kind, rnd in (("train", 1), ("evaluate", 1), ("train", 2)):
-            out.append((f"site-{node} {kind} {rnd}", app(_message(kind, hospital["weights"], rnd, node), context)))
+    with pytest.MonkeyPatch.context() as patch:  # this process plays a simulation engine's site workers
+        patch.setattr("client.simulated._in_flower_simulation_actor", lambda: True)
+        for node in (1, 2):
+            context = _context(hospital["config"], node)
+            for kind, rnd in (("train", 1), ("evaluate", 1), ("train", 2)):
+                reply = app(_message(kind, hospital["weights"], rnd, node), context)
+                out.append((f"site-{node} {kind} {rnd}", reply))
     hospital["phi"] |= _phi_strings(hospital["site"])  # the header index written while loading
     return out
 
@@ -161,7 +165,9 @@ def test_no_phi_in_any_reply_of_a_round(hospital: dict, replies: list[tuple[str,
     assert kinds == ["trained", "evaluated", "refused"] * 2
 
 
-def test_failures_and_hostile_node_configs_leak_nothing(hospital: dict, replies: list) -> None:
+def test_failures_and_hostile_node_configs_leak_nothing(
+    hospital: dict, replies: list, simulated_site_process: None
+) -> None:
     config, weights, site = hospital["config"], hospital["weights"], hospital["site"]
     patient_dir = next((site / "images").iterdir())
     broken = config.model_copy(update={"data": config.data.model_copy(

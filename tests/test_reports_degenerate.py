@@ -95,8 +95,8 @@ def test_clinical_report_shows_every_degenerate_metric_as_na_with_its_reason(tmp
     assert "| 1.000 [1.000, 1.000] |" in _row(text, "site-3")
     assert "| n/a (undefined for this test split) |" in _row(text, "site-4")
     five = _row(text, "site-5")
-    assert five.startswith("| site-5 | 1 | 8 | n/a (not reported by the site (suppressed or absent)) | "
-                           "n/a (not reported by the site (suppressed or absent)) |")
+    assert five.startswith("| site-5 | 1 | 8 | n/a (suppressed or not sent by the site) | "
+                           "n/a (suppressed or not sent by the site) |")
     assert "| site-2 | female | 12 | 0 | n/a (one class in the test split) | n/a (no positives in the test split) |" \
         in text
     assert "| female | 1 | 12 | n/a (no positives in the test split) |" in text  # the pooled empty subgroup
@@ -133,7 +133,7 @@ def test_model_card_shows_na_with_reasons(tmp_path: Path) -> None:
     md, card_json = write_model_card(run, load_config(run / "config.yaml"))
     text = md.read_text()
     assert "| site-2 | 20 | n/a (one class in the test split) | n/a (no positives in the test split) |" in text
-    assert ("| site-5 | 8 | n/a (not reported by the site (suppressed or absent)) |") in text
+    assert ("| site-5 | 8 | n/a (suppressed or not sent by the site) |") in text
     assert "central evaluation on the pooled test split): n/a (no central evaluation)." in text
     assert json.loads(card_json.read_text())["run"] == "run"
 

@@ -119,7 +119,7 @@ def _rounds(config, run_name: str, *, fresh_each_time: bool) -> list[tuple[dict,
 
 
 @pytest.mark.parametrize("dp", [True, False])
-def test_reused_data_and_model_give_bit_identical_rounds(tmp_path: Path, dp: bool) -> None:
+def test_reused_data_and_model_give_bit_identical_rounds(tmp_path: Path, dp: bool, simulated_site_process: None) -> None:
     config = _config(tmp_path, f"privacy.enabled={str(dp).lower()}")
     reference = _rounds(config, "fresh", fresh_each_time=True)
     reused = _rounds(config, "reused", fresh_each_time=False)
@@ -131,7 +131,9 @@ def test_reused_data_and_model_give_bit_identical_rounds(tmp_path: Path, dp: boo
     assert len(cache._models) == 1  # one architecture, one idle model after the rounds
 
 
-def test_refused_and_failed_rounds_hand_the_model_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_and_failed_rounds_hand_the_model_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, simulated_site_process: None
+) -> None:
     import federation.training as training
 
     torch.manual_seed(0)

@@ -206,8 +206,13 @@ def test_invalid_policy_file_names_file_and_keys(tmp_path: Path) -> None:
         load_policy(tmp_path / "missing.yaml")
 
 
-def test_policy_source_run_config_only_for_simulated_sites() -> None:
+def test_policy_source_run_config_only_for_simulated_sites(monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.simulated as simulated
+
     run_config = {"simulation.site_policy": "/sim/policy.yaml"}
+    # outside a simulation engine no node config makes a site simulated (issue 26.7)
+    assert policy_source(node_config={"partition-id": 0}, run_config=run_config).path == ""
+    monkeypatch.setattr(simulated, "_in_flower_simulation_actor", lambda: True)
     assert policy_source(node_config={"partition-id": 0}, run_config=run_config).path == "/sim/policy.yaml"
     real = {"state-dir": "/var/medfed", "site-name": "north"}
     assert policy_source(node_config=real, run_config=run_config).path == ""
@@ -249,8 +254,10 @@ def site_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     weights = build_model(config.model, in_channels=1, num_classes=2, dp=True).state_dict()
     context = Context(run_id=11, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=to_flat(config))
-    replies = [app(_message(kind, weights, rnd, "study-a"), context)
-               for kind, rnd in (("train", 1), ("evaluate", 1), ("train", 2))]
+    with pytest.MonkeyPatch.context() as patch:  # this process plays a simulation engine's site worker
+        patch.setattr("client.simulated._in_flower_simulation_actor", lambda: True)
+        replies = [app(_message(kind, weights, rnd, "study-a"), context)
+                   for kind, rnd in (("train", 1), ("evaluate", 1), ("train", 2))]
     return {"replies": replies, "disk": tmp / "disks" / "site-1", "weights": weights, "context": context,
             "tmp": tmp}
 
@@ -311,7 +318,7 @@ def test_invalid_policy_stops_the_clientapp_without_leaking_its_path(
     bad = tmp_path / "MF0012345-policy.yaml"
     bad.write_text("lifetime_epsilon: 1\nlifetime_delta: 1e-5\nallow_non_dp: maybe\n")
     context = site_run["context"]
-    node_config = {"partition-id": 0, "num-partitions": 2, "policy": str(bad), "state-dir": str(tmp_path)}
+    node_config = {"site-name": "north", "data-dir": str(tmp_path), "policy": str(bad), "state-dir": str(tmp_path)}
     hostile = Context(run_id=11, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config=context.run_config)
     with pytest.raises(SitePolicyInvalid) as info:
@@ -330,7 +337,7 @@ config = load_config(None, {overrides!r})
 import torch
 from federation.models.cnn import build_cnn
 weights = build_cnn(config=config.model, in_channels=1, num_classes=2, spatial_dims=2).state_dict()
-context = Context(run_id=11, node_id=1, node_config={{"partition-id": 0, "num-partitions": 2}},
+context = Context(run_id=11, node_id=1, node_config={node_config!r},
                   state=RecordDict(), run_config=to_flat(config))
 def message(kind):
     config_record = ConfigRecord({{"server-round": 1, "run-name": "r"}})
@@ -350,8 +357,10 @@ def test_an_evaluating_site_process_never_loads_opacus(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    overrides = [*TINY, f"server.out_dir={tmp_path}", f"simulation.site_state_dir={tmp_path / 'disks'}"]
-    done = subprocess.run([sys.executable, "-c", _FRESH_SITE.format(overrides=overrides)], capture_output=True,
+    overrides = [*TINY, f"server.out_dir={tmp_path}"]
+    node_config = {"site-name": "site-1", "data-dir": str(tmp_path), "state-dir": str(tmp_path / "disks")}
+    done = subprocess.run([sys.executable, "-c", _FRESH_SITE.format(overrides=overrides, node_config=node_config)],
+                          capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     evaluated, trained = done.stdout.strip().splitlines()[-2:]

@@ -2,6 +2,7 @@
 
 from federation.config.loading import (
     ConfigError,
+    dataset_problems,
     from_flat,
     load_config,
     to_flat,
@@ -30,6 +31,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
+    "dataset_problems",
     "from_flat",
     "load_config",
     "to_flat",

@@ -175,6 +175,31 @@ def cross_field_problems(config: ExperimentConfig) -> list[str]:
     return problems
 
 
+def dataset_problems(config: ExperimentConfig) -> list[str]:
+    """Checks that need the dataset registry, each naming the key to set.
+
+    A site-only dataset (its data exists only at the hospitals, e.g. ``dicom``) must
+    declare the model's shape in the run config, and only it may give the
+    coordinator its own validation folder (``server.central_eval_dir``). The registry
+    loads torch, so this runs where a run is resolved or started (``medfed validate``,
+    ``medfed simulate``, the ServerApp), not in every validation. An unknown dataset
+    name gives no problem here (the name check reports it).
+    """
+    from federation.data.registry import declared_info_problems, is_site_only  # noqa: PLC0415 - torch
+
+    try:
+        site_only = is_site_only(config.data.dataset)
+    except ValueError:
+        return []
+    problems = declared_info_problems(config.data)
+    if config.server.central_eval_dir and not site_only:
+        problems.append(
+            f"server.central_eval_dir: only for data that exists only at the sites (e.g. dicom); "
+            f"{config.data.dataset!r} is evaluated centrally on its pooled test split: set it to ''"
+        )
+    return problems
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),

@@ -163,7 +163,14 @@ class ServerConfig(_Section):
     """The coordinator's round loop, evaluation and outputs."""
 
     rounds: int = Field(5, ge=1, le=100000)
-    central_eval: bool = Field(True, description="Evaluate the global model on the pooled test split each round.")
+    central_eval: bool = Field(
+        True, description="Evaluate the global model on the pooled test split each round (site-only data such as "
+        "dicom: only with central_eval_dir)."
+    )
+    central_eval_dir: str = Field(
+        "", description="Site-only data (dicom): the coordinator's own validation folder, every image of it "
+        "evaluated centrally ('' = no central evaluation; the sites' evaluations are the run's metrics)."
+    )
     eval_every: int = Field(
         1, ge=1, description="Evaluate (at the sites and centrally) every k-th round; the last round always."
     )

@@ -163,11 +163,28 @@ class DatasetInfo:
     """2 for images, 3 for volumes, 0 for tabular data (``in_channels`` = features)."""
 
 
+DeclaredInfo = Callable[[DataConfig], "DatasetInfo | list[str]"]
+"""``declared(config) -> DatasetInfo``, or the problems (each naming the key to set) when the run config lacks it."""
+
+
+class DataMismatch(ValueError):
+    """A site's data disagrees with the shape the run config declares (classes, channels, size).
+
+    ``detail`` names counts and config keys only, never a path or a label value from
+    the site's files: it is sent to the coordinator as the refusal reason.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class _Entry:
     loader: DatasetLoader
     site_shift_strength: float
     info: DatasetInfo | None
+    declared: DeclaredInfo | None = None  # set: site-only (the coordinator holds no data of it)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -213,6 +230,7 @@ def register_dataset(
     *,
     site_shift_strength: float = 0.0,
     info: DatasetInfo | None = None,
+    site_only: DeclaredInfo | None = None,
     replace: bool = False,
 ) -> None:
     """Register a dataset loader under ``name``.
@@ -226,6 +244,11 @@ def register_dataset(
             :func:`federation.data.load_site_data` applies (0 = none).
         info: Channels and classes, when fixed for the dataset, so a coordinator
             without the data can still build the model (:func:`dataset_info`).
+        site_only: For data that exists only at the sites (each hospital's own folder,
+            nothing pooled at the coordinator): ``declared(config) -> DatasetInfo`` reads
+            the model's channels and classes from the run config, or returns the
+            problems naming the keys to set. Such runs never load data on the
+            coordinator, and a site whose data disagrees refuses (:func:`check_site_data`).
         replace: Allow replacing an existing registration.
 
     Raises:
@@ -239,7 +262,10 @@ def register_dataset(
         raise ValueError(f"dataset '{name}' is already registered; pass replace=True to override it")
     if site_shift_strength < 0:
         raise ValueError(f"site_shift_strength for '{name}' must be >= 0, got {site_shift_strength}")
-    _REGISTRY[name] = _Entry(loader=loader, site_shift_strength=float(site_shift_strength), info=info)
+    if site_only is not None and info is not None:
+        raise ValueError(f"dataset '{name}': give either info (fixed shape) or site_only (shape from the config)")
+    _REGISTRY[name] = _Entry(loader=loader, site_shift_strength=float(site_shift_strength), info=info,
+                             declared=site_only)
     clear_dataset_cache()
 
 
@@ -259,19 +285,80 @@ def _entry(name: str) -> _Entry:
         ) from None
 
 
+def is_site_only(name: str) -> bool:
+    """Whether dataset ``name`` exists only at the sites (its shape comes from the run config).
+
+    Raises:
+        ValueError: If the dataset is unknown.
+    """
+    return _entry(name).declared is not None
+
+
+def declared_info_problems(config: DataConfig) -> list[str]:
+    """What a run of a site-only dataset must still set (each naming its key); [] otherwise.
+
+    An unknown dataset name gives no problem here (the name check reports it).
+    """
+    try:
+        entry = _entry(config.dataset)
+    except ValueError:
+        return []
+    if entry.declared is None:
+        return []
+    declared = entry.declared(config)
+    return declared if isinstance(declared, list) else []
+
+
 def dataset_info(config: DataConfig, *, seed: int = 0) -> DatasetInfo:
     """Channels and classes of ``config.dataset``, loading the data only if they are not registered.
 
     The coordinator uses this to build the global model: in a deployment it usually
-    holds no patient data at all.
+    holds no patient data at all. Site-only datasets take them from the run config.
+
+    Raises:
+        ValueError: A site-only dataset's run config lacks them (the message names the keys).
     """
     entry = _entry(config.dataset)
     if entry.info is not None:
         return entry.info
+    if entry.declared is not None:
+        declared = entry.declared(config)
+        if isinstance(declared, list):
+            raise ValueError("; ".join(declared))
+        return declared
     splits = load_dataset(config, seed=seed)
     return DatasetInfo(
         in_channels=splits.in_channels, num_classes=splits.num_classes, spatial_dims=splits.spatial_dims
     )
+
+
+def check_site_data(config: DataConfig, splits: DatasetSplits) -> None:
+    """Raise :class:`DataMismatch` when a site's data disagrees with its site-only dataset's declared shape.
+
+    Compares channels, classes and image size with what the run config declares, and
+    requires every declared class in the site's data. Datasets that are not site-only
+    pass unchecked (the model is built from the same data everywhere).
+    """
+    entry = _entry(config.dataset)
+    if entry.declared is None:
+        return
+    declared = entry.declared(config)
+    if isinstance(declared, list):
+        raise DataMismatch("the run config does not declare the data's shape: " + "; ".join(declared))
+    if splits.in_channels != declared.in_channels:
+        raise DataMismatch(f"the site's images have {splits.in_channels} channel(s), the run declares "
+                           f"{declared.in_channels}")
+    if splits.num_classes != declared.num_classes:
+        raise DataMismatch(f"the site's labels give {splits.num_classes} classes, the run declares "
+                           f"{declared.num_classes}")
+    if splits.spatial_dims != declared.spatial_dims or (splits.spatial_dims and splits.image_size != config.image_size):
+        raise DataMismatch(f"the site's images are {splits.image_size} px ({splits.spatial_dims}-D), the run "
+                           f"declares data.image_size={config.image_size} ({declared.spatial_dims}-D)")
+    present = np.union1d(np.unique(splits.train_labels), np.unique(splits.test_labels))
+    missing = [int(c) for c in range(declared.num_classes) if c not in present]
+    if missing:
+        raise DataMismatch(f"the site holds no image of declared class(es) {', '.join(map(str, missing))} "
+                           f"(0-based, of {declared.num_classes})")
 
 
 def site_shift_strength(name: str) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN, DEFAULT_LABELS_NAME
 from federation.data.dicom.loader import load_site_sample_set
 from federation.data.dicom.reader import Frames, Normalize
-from federation.data.registry import DatasetSplits, register_dataset, stratified_subset
+from federation.data.registry import DataMismatch, DatasetInfo, DatasetSplits, register_dataset, stratified_subset
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,10 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
             f"no usable DICOM images in {data_dir} (quarantined: {report.reason_counts}); "
             f"run `medfed site check {data_dir}` for details"
         )
+    if settings.channels in (1, 3) and samples.native_channels not in (0, settings.channels):
+        kind = "colour" if samples.native_channels == 3 else "grayscale"
+        raise DataMismatch(f"most of the site's images are {kind} ({samples.native_channels} channel(s)), "
+                           f"the run declares data.dicom_channels={settings.channels}")
     train, test = split_by_group(labels, groups, test_fraction=float(settings.test_fraction), seed=seed)
     return DatasetSplits(
         name=str(getattr(config, "dataset", "dicom")),
@@ -164,5 +168,29 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
     )
 
 
+def declared_dicom_info(config: Any) -> DatasetInfo | list[str]:
+    """The model shape a DICOM run declares (classes from ``data.dicom_label_names``, ``data.dicom_channels``).
+
+    DICOM data exists only at the hospitals, so the coordinator cannot learn the shape
+    from images: both keys are required. Returns the problems, each naming its key,
+    when they are missing.
+    """
+    settings = DicomSettings.from_config(config)
+    problems = []
+    names = settings.label_names
+    if len(names) < 2 or len(set(names)) != len(names):
+        problems.append(
+            f"data.dicom_label_names: required for data.dataset={config.dataset} (the coordinator holds no "
+            "images to learn the classes from): set at least 2 distinct class names in index order, "
+            f"e.g. --set data.dicom_label_names=normal,pneumonia (got {','.join(names)!r})")
+    if settings.channels not in (1, 3):
+        problems.append(
+            f"data.dicom_channels: required for data.dataset={config.dataset} (0 = auto needs images at the "
+            "coordinator): set 1 (grayscale) or 3 (colour)")
+    if problems:
+        return problems
+    return DatasetInfo(in_channels=int(settings.channels), num_classes=len(names), spatial_dims=2)
+
+
 def _register() -> None:
-    register_dataset("dicom", load_dicom_splits, replace=True)
+    register_dataset("dicom", load_dicom_splits, site_only=declared_dicom_info, replace=True)

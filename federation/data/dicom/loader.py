@@ -329,6 +329,8 @@ class SiteSamples:
     age: np.ndarray
     paths: list[str]
     report: SiteReport
+    native_channels: int = 0
+    """Channels most usable images have as stored (1 or 3), before any conversion to ``channels``."""
 
 
 def load_site_samples(
@@ -400,6 +402,7 @@ def load_site_sample_set(
         age=age,
         paths=[paths_all[i] for i in keep],
         report=report,
+        native_channels=_choose_channels(items, 0) if items else 0,
     )
 
 

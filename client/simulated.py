@@ -1,0 +1,73 @@
+"""Is this site simulated? Decided from the process the ClientApp runs in, never from config.
+
+One rule: a site is simulated only when its ClientApp runs inside a simulation
+engine. Both simulation engines medfed runs on (its own harness,
+:mod:`simulations.engine`, and Flower's simulation runtime behind ``flwr run .``
+on a local SuperLink) call the ClientApp inside a worker of Flower's Ray actor
+pool (``flwr.simulation.ray_transport.ray_actor.ClientAppActor``). A deployed
+SuperNode runs its ClientApp in a process of its own (``flwr-clientapp``, or in
+the SuperNode's process), never in a Ray actor, so it is never taken for
+simulated: not because of what its node config holds or lacks (``partition-id``,
+``site-name``), nor because of any run-config key or environment variable, all
+of which a coordinator or an operator's mistake could set.
+
+What depends on it: a simulated site may take its paths and policy from the run
+config (one run config serves every virtual node) and obeys the ``attack.*`` and
+``faults.*`` scenarios; a real site takes its name, folders and policy from its
+own node config only and never attacks or fails on purpose.
+
+This is the only place on the site's side that looks at Ray or Flower internals.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Node-config key of a hospital's own disk (client.site.NODE_STATE_DIR).
+NODE_STATE_DIR = "state-dir"
+#: ``(module, class)`` of the Ray actor that runs the ClientApp in Flower's simulation engine (flwr 1.42).
+FLOWER_SIMULATION_ACTOR = ("flwr.simulation.ray_transport.ray_actor", "ClientAppActor")
+
+
+def is_simulated_site(node_config: Mapping[str, Any]) -> bool:
+    """The one rule: simulated only inside a simulation engine, and never a site with a ``state-dir``.
+
+    A node config can only make a site *more* real: a ``state-dir`` (a hospital's own
+    disk) makes even a node inside an engine a real site; nothing a node config lacks
+    makes a deployed SuperNode simulated.
+    """
+    return NODE_STATE_DIR not in node_config and runs_in_simulation()
+
+
+def runs_in_simulation() -> bool:
+    """True only inside a worker of Flower's simulation actor pool (this process is a simulated site).
+
+    Deployed SuperNodes, the tests' own process and any process that has not
+    imported Ray get ``False``. The answer is fixed for the life of the process.
+    """
+    return _in_flower_simulation_actor()
+
+
+@functools.cache
+def _in_flower_simulation_actor() -> bool:
+    ray = sys.modules.get("ray")  # a Ray worker imports Ray before it runs any task; never import it here
+    if ray is None:
+        return False
+    try:
+        if not ray.is_initialized():
+            return False
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is None:  # a driver or a plain task, not an actor
+            return False
+        descriptor = context.current_actor._ray_actor_creation_function_descriptor  # noqa: SLF001
+        actor = (descriptor.module_name, descriptor.class_name)
+    except Exception:  # noqa: BLE001 - anything unexpected: not a simulation, the safe answer
+        logger.debug("cannot tell the Ray actor of this process; treating the site as real", exc_info=True)
+        return False
+    return actor == FLOWER_SIMULATION_ACTOR

@@ -1,0 +1,118 @@
+"""A malicious coordinator against a real site (issue 26): paths, simulated-site rule, reply identity.
+
+Every test drives the real ClientApp handlers of a real hospital site (``real_site``:
+site-name, data-dir, state-dir and policy in its node config) with a hostile run
+config or message, and checks that the site's own configuration decides.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.app import app
+from client.handling import SiteNodeConfigIncomplete
+from client.ledger import PrivacyLedger
+from client.simulated import is_simulated_site, runs_in_simulation
+from federation.config import from_flat
+from federation.faults import round_faults
+
+
+def _update_norm(reply, weights: dict) -> float:
+    sent = reply.content["arrays"].to_torch_state_dict()
+    return float(torch.sqrt(sum(((sent[k] - weights[k]) ** 2).sum() for k in weights)))
+
+
+# ------------------------------------------------- 26.3: the coordinator never chooses a real site's paths
+@pytest.mark.parametrize("missing", ["state-dir", "data-dir", "site-name"])
+def test_a_real_site_without_its_own_folders_refuses_to_start(
+    real_site, missing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    node_config = {k: v for k, v in real_site.node_config.items() if k != missing}
+    hostile = (f"simulation.site_state_dir={real_site.coordinator_dir / 'disks'}",
+               f"data.data_dir={real_site.coordinator_dir / 'data'}")
+    run_config = real_site.run_config(*hostile)
+    msg = real_site.message("train", real_site.weights(run_config))
+    with caplog.at_level(logging.ERROR), pytest.raises(SiteNodeConfigIncomplete) as info:
+        app(msg, real_site.context(run_config, node_config=node_config))  # the lifespan check, at start
+    assert "details are in the site's own log" in str(info.value) and missing not in str(info.value)
+    assert f"node config lacks {missing!r}" in caplog.text
+    reply = real_site.train(*hostile, node_config=node_config)  # and on first use, should a runtime skip it
+    assert reply.has_error() and not reply.has_content()
+    assert not real_site.coordinator_dir.exists()  # nothing written where the coordinator pointed
+
+
+def test_fresh_site_state_dirs_from_the_coordinator_do_not_reset_the_lifetime_budget(real_site) -> None:
+    permissive = real_site.coordinator_dir / "policy.yaml"
+    permissive.parent.mkdir(parents=True)
+    permissive.write_text("lifetime_epsilon: 1000\nlifetime_delta: 0.5\n")
+    replies = [real_site.train(f"simulation.site_state_dir={real_site.coordinator_dir / f'disk-{run}'}",
+                               f"simulation.site_policy={permissive}", f"data.data_dir={real_site.coordinator_dir}",
+                               run_name=f"study-{run}") for run in range(3)]
+    assert [r.has_error() for r in replies] == [False, False, False]
+    first, second, third = (dict(r.content["metrics"]) if "metrics" in r.content else r for r in replies)
+    epsilon = first["epsilon"]
+    assert 10 / 3 < epsilon <= 5 and second["epsilon"] == pytest.approx(epsilon)  # 2 runs fit, 3 do not
+    assert third.content["status"]["refused"].startswith(
+        f"lifetime-epsilon: lifetime epsilon spent {2 * epsilon:.4f}, this round would reach {3 * epsilon:.4f}, "
+        "the site's lifetime budget is 10")
+    ledger = PrivacyLedger.open(real_site.state_dir / real_site.name)  # the site's own disk keeps the ledger
+    assert ledger.spent_epsilon() == pytest.approx(2 * epsilon)
+    assert sorted(p.name for p in real_site.coordinator_dir.iterdir()) == ["policy.yaml"]
+
+
+# ------------------------------------------------- 26.7 / 19.5: simulated only inside a simulation engine
+def test_a_supernode_with_partition_id_and_no_site_name_is_not_simulated(real_site) -> None:
+    attack = ("attack.kind=scale", "attack.sites=1", "attack.scale=1000", "faults.dropout_rate=0.99")
+    assert not runs_in_simulation()  # this test process is no simulation engine's site worker
+    assert not is_simulated_site({"partition-id": 0, "num-partitions": 1})
+    bare = real_site.train(*attack, node_config={"partition-id": 0, "num-partitions": 1})
+    assert bare.has_error()  # a real site without its own name and folders: refused, never attacked
+    run_config = real_site.run_config(*attack)
+    config = from_flat(run_config, source="test")
+    assert round_faults(config.faults, num_sites=1, server_round=1, seed=config.seed) == {0: "drop"}  # if simulated
+    weights = real_site.weights(run_config)
+    honest = real_site.train(*attack, weights=weights, node_config={**real_site.node_config, "partition-id": 0})
+    assert not honest.has_error() and "arrays" in honest.content  # no simulated dropout
+    assert _update_norm(honest, weights) < 5.0  # a DP step, not the x1000 update of the attack
+
+
+def test_a_state_dir_keeps_a_site_real_even_inside_an_engine(simulated_site_process: None) -> None:
+    assert runs_in_simulation()
+    assert is_simulated_site({"partition-id": 0, "num-partitions": 2})
+    assert not is_simulated_site({"partition-id": 0, "num-partitions": 2, "state-dir": "/var/lib/medfed"})
+
+
+@pytest.mark.integration
+def test_only_a_worker_of_flowers_simulation_actor_pool_is_simulated() -> None:
+    ray = pytest.importorskip("ray")
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        @ray.remote
+        class OtherActor:
+            def check(self) -> bool:
+                from client.simulated import runs_in_simulation as probe
+
+                return probe()
+
+        class Probe:
+            def __call__(self, message, context) -> bool:
+                from client.simulated import runs_in_simulation as probe
+
+                return probe()
+
+        actor = ClientAppActor.remote()
+        _, in_flower_actor, _ = ray.get(actor.run.remote(Probe, None, "0", None))
+        assert in_flower_actor is True
+        assert ray.get(OtherActor.remote().check.remote()) is False  # any other Ray actor is not
+        assert runs_in_simulation() is False  # nor is the driver
+    finally:
+        if started:
+            ray.shutdown()
