@@ -24,7 +24,7 @@ from client.ledger import PrivacyLedger, check_run_name
 from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
 from client.simulated import is_simulated_site
 from federation.config import ExperimentConfig
-from federation.data import SiteData
+from federation.data import DataMismatch, SiteData
 from federation.metrics.clinical import ClinicalSettings, clinical_metrics
 from federation.models import build_model
 from federation.training import evaluate, select_device
@@ -132,8 +132,17 @@ def site_settings(
 
 
 def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
-    """Load this site's train and test split (kept per process between rounds, see :mod:`client.cache`)."""
+    """Load this site's train and test split (kept per process between rounds, see :mod:`client.cache`).
+
+    Raises:
+        DataMismatch: Site-only data (``dicom``) disagreeing with the classes, channels or
+            size the run declares; the caller refuses with ``data-mismatch``.
+    """
+    from federation.data import check_site_data, is_site_only, load_dataset  # noqa: PLC0415
+
     data_config = config.data.model_copy(update={"data_dir": settings.data_dir})
+    if is_site_only(data_config.dataset):  # the model's shape came from the run config, not from data
+        check_site_data(data_config, load_dataset(data_config, seed=config.seed))
     return site_data(
         data_config, seed=config.seed, site_index=settings.site_index, num_sites=settings.num_sites,
         budget_mb=config.simulation.data_cache_mb,
@@ -232,7 +241,12 @@ def train_round(
     from federation.training.schedule import with_site_schedule  # noqa: PLC0415
 
     inject_fault(config, settings, server_round=server_round)  # simulated faults only
-    data = load_data(config, settings)
+    try:
+        data = load_data(config, settings)
+    except DataMismatch as mismatch:
+        reason = refusal("data-mismatch", mismatch.detail)
+        logger.warning("site %s refuses round %d: %s", settings.name, server_round, reason)
+        return TrainOutcome(weights=None, metrics={}, refusal=reason)
     config = with_site_schedule(config, num_examples=len(data.train), server_round=server_round)  # steps, lr
     model = _build(config, data, dp=config.privacy.enabled)  # checked for DP-SGD before any epsilon is reserved
     try:
