@@ -30,6 +30,7 @@ from server.polling import with_poll_interval
 from server.recording import RecordingStrategy
 from server.run_dir import ROUNDS_FILE, Checkpoint, RunDirectory
 from server.summary import build_summary
+from server.tracking import RunTracker, open_tracker
 from strategies import (
     AlignedMetricKeys,
     EvaluationSchedule,
@@ -93,6 +94,7 @@ def _round_end_hook(
     central: CentralEvaluation | None,
     due: Callable[[int], bool],
     recorder: RecordingStrategy,
+    tracker: RunTracker | None = None,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round (``due``: evaluated rounds)."""
 
@@ -106,6 +108,8 @@ def _round_end_hook(
         record = recorder.pop_round() if server_round > 0 else {"round": 0}
         record.update({"round": rnd, "global": global_metrics, "time": time.time() - run.started})
         run.append(ROUNDS_FILE, record)
+        if tracker is not None:  # server.tracking: MLflow/TensorBoard log what was just recorded
+            tracker.update()
         if server_round > 0:
             run.save_checkpoint(
                 Checkpoint(
@@ -139,6 +143,7 @@ def _run_rounds(
         last_round=config.server.rounds,
     )
     due = schedule.due  # one definition of the evaluated rounds, for the sites and the coordinator
+    tracker = open_tracker(config, run.path)  # server.tracking (none by default)
     central = _central_evaluation(config, model)
     guarded: Strategy = schedule
     if central is not None:  # the coordinator evaluates while the sites do
@@ -154,11 +159,13 @@ def _run_rounds(
             timeout=config.server.round_timeout,
             train_config=ConfigRecord({"run-name": run.name}),
             evaluate_config=ConfigRecord({"run-name": run.name}),
-            evaluate_fn=_round_end_hook(run=run, central=central, due=due, recorder=recorder),
+            evaluate_fn=_round_end_hook(run=run, central=central, due=due, recorder=recorder, tracker=tracker),
         )
     finally:
         if central is not None:
             central.close()
+        if tracker is not None:
+            tracker.close()
 
 
 def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:

@@ -182,6 +182,10 @@ class ServerConfig(_Section):
     poll_interval: float = Field(
         0.5, ge=0.0, description="Deployment: seconds between pulls for site replies (0 = Flower's fixed 3 s)."
     )
+    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="Also log each round's metrics, ε per site and the config to MLflow or TensorBoard "
+        "(in <run>/tracking/; pip install 'medfed[mlflow]' or 'medfed[tensorboard]')."
+    )
 
 
 class ClinicalConfig(_Section):
