@@ -1,0 +1,219 @@
+"""Secure aggregation (secagg.*): the coordinator learns only the sum, with dropouts, through the real site code.
+
+A fake Grid delivers the wrapper's Messages to sites in this process. The "protocol"
+sites run the site's real secure-aggregation code (client/secagg.py) on updates the
+test chooses, so the securely aggregated model can be compared with plain FedAvg
+exactly; the "real" sites run the whole ClientApp (training, DP, guard, audit).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from client.secagg import MASKED_ARRAY, answer_stage, masked_update, secure_round
+from federation.config import load_config
+from federation.secagg import SecAggParams, SecAggProtocolError, SiteSecAgg
+from strategies.secagg import SecureAggregation, secagg_config_problems
+
+PARAMS = SecAggParams(threshold=0, clipping_range=1.0, quantization_bits=16, weighting="examples", max_weight=1000)
+STEP = 2 * PARAMS.clipping_range / PARAMS.target_range  # one quantization step
+NODES = [3, 10**19 + 7, 42, 5_000_000_000, 17]  # Flower node ids are uint64: some exceed int64
+SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (2, 36)}
+
+
+class FakeGrid:
+    """Delivers each Message to ``sites[node]`` in-process; ``drop`` says which nodes go silent at which stage."""
+
+    def __init__(self, sites: dict[int, Callable[[Message, Context], Message]]) -> None:
+        self.sites = sites
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in sites}
+        self.drop: dict[str, set[int]] = {}
+        self.seen: list[Message] = []  # every reply the coordinator received
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            stage = _stage(message)
+            if node in self.drop.get(stage, set()):
+                continue
+            incoming = Message(content=message.content, metadata=Metadata(
+                run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=node, reply_to_message_id="",
+                group_id="1", created_at=time.time(), ttl=600.0, message_type=message.metadata.message_type))
+            reply = self.sites[node](incoming, self.contexts[node])
+            self.seen.append(reply)
+            replies.append(reply)
+        return replies
+
+
+def _stage(message: Message) -> str:
+    record = message.content.config_records.get("secagg") if message.has_content() else None
+    if message.metadata.message_type == "query.secagg":
+        return str(record["stage"])
+    return message.metadata.message_type
+
+
+def _protocol_site(update: dict[str, np.ndarray], examples: int) -> Callable[[Message, Context], Message]:
+    """A site that answers every stage with the real site code and 'trains' to global + ``update``."""
+
+    def site(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "query.secagg":
+            return Message(answer_stage(msg, context)[1], reply_to=msg)
+        state = secure_round(msg, context, server_round=1)
+        global_weights = msg.content["arrays"].to_torch_state_dict()
+        weights = {k: v + torch.from_numpy(update[k]) for k, v in global_weights.items()}
+        arrays = masked_update(state, context, weights=weights, global_weights=global_weights, num_examples=examples)
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"epsilon": 1.0})}), reply_to=msg)
+
+    return site
+
+
+def _federation(seed: int = 0) -> tuple[dict, dict, dict]:
+    rng = np.random.default_rng(seed)
+    updates = {n: {k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in SHAPES.items()} for n in NODES}
+    examples = {n: int(rng.integers(20, 400)) for n in NODES}
+    global_arrays = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in SHAPES.items()}
+    return updates, examples, global_arrays
+
+
+def _secure_round(grid: FakeGrid, global_arrays: dict, *, num_shares: int = 0, fraction: float = 0.6):
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=num_shares,
+                                 threshold_fraction=fraction, timeout=None)
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()})
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord({}), grid))
+    return strategy, strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize("stage", ["none", "advertise", "share", "train", "unmask"])
+@pytest.mark.parametrize("num_shares", [0, 3])
+def test_secure_sum_equals_plain_fedavg_with_dropouts(flower_task_identity, stage, num_shares):
+    updates, examples, global_arrays = _federation()
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    dropped = {NODES[1]} if stage != "none" else set()
+    grid.drop[stage] = dropped
+    strategy, (arrays, metrics) = _secure_round(grid, global_arrays, num_shares=num_shares)
+    contributing = [n for n in NODES if n not in dropped or stage == "unmask"]
+    total = sum(examples[n] for n in contributing)
+    assert strategy.last_weight == total and metrics["epsilon"] == 1.0
+    for name in SHAPES:
+        plain = global_arrays[name] + sum(updates[n][name] * examples[n] for n in contributing) / total
+        error = np.abs(arrays[name].numpy() - plain).max()
+        assert error <= STEP, f"{name}: {error} above one quantization step {STEP}"
+
+
+def test_below_the_threshold_the_round_is_not_aggregated_and_no_site_unmasks(flower_task_identity):
+    updates, examples, global_arrays = _federation()
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    grid.drop["train"] = set(NODES[:3])  # 2 of 5 send an update; the threshold is ceil(0.6 * 5) = 3
+    strategy, (arrays, metrics) = _secure_round(grid, global_arrays)
+    assert (arrays, metrics) == (None, None)
+    assert "2 site(s) sent a masked update, threshold 3" in strategy.last_outcome
+    assert not [r for r in grid.seen if r.has_content() and "shares" in r.content.config_records.get("secagg", {})]
+
+
+def test_what_the_coordinator_receives_is_masked(flower_task_identity):
+    updates, examples, global_arrays = _federation(seed=1)
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    _secure_round(grid, global_arrays)
+    masked = [r for r in grid.seen if r.has_content() and "arrays" in r.content]
+    assert len(masked) == len(NODES)
+    for reply in masked:
+        vector = reply.content["arrays"][MASKED_ARRAY].numpy()
+        node = reply.metadata.src_node_id
+        true = np.concatenate([updates[node][k].ravel() for k in SHAPES])
+        assert vector.dtype == np.uint64 and vector.size == true.size + 1
+        assert abs(np.corrcoef(vector[:-1].astype(np.float64), true)[0, 1]) < 0.2  # 116 values: noise level
+        assert vector[-1] != examples[node]  # the example count travels masked too
+
+
+def _advertised(node: int, threshold: int = 3) -> tuple[SiteSecAgg, bytes, bytes]:
+    params = SecAggParams(**{**PARAMS.to_config(), "threshold": threshold})
+    return SiteSecAgg.start(node_id=node, server_round=1, params=params)
+
+
+def test_a_site_refuses_requests_that_would_unmask_it():
+    sites = {n: _advertised(n) for n in (1, 2, 3, 4)}
+    keys = {n: (a, b) for n, (_, a, b) in sites.items()}
+    boxes: dict[int, dict[int, bytes]] = {}
+    for node, (state, _, _) in sites.items():
+        for dst, ctxt in state.share_keys({m: keys[m] for m in keys if m != node}).items():
+            boxes.setdefault(dst, {})[node] = ctxt
+    site = sites[1][0]
+    site.receive(boxes[1])
+    site.masked_vector(np.zeros(5, dtype=np.uint64))
+    with pytest.raises(SecAggProtocolError, match="both"):
+        site.unmask(active=[1, 2, 3], dropped=[2])
+    with pytest.raises(SecAggProtocolError, match="below the threshold"):
+        site.unmask(active=[1, 2], dropped=[3, 4])
+    assert set(site.unmask(active=[1, 2, 3], dropped=[4])) == {1, 2, 3, 4}
+    with pytest.raises(SecAggProtocolError, match="out of order"):  # one answer per round
+        site.unmask(active=[1, 2, 3, 4], dropped=[])
+    lax, _, _ = _advertised(9, threshold=2)
+    with pytest.raises(SecAggProtocolError, match="more than half"):
+        lax.share_keys({m: keys[m] for m in (1, 2, 3)})
+
+
+def test_site_state_survives_a_fresh_process():
+    state, _, _ = _advertised(10**19 + 3)
+    again = SiteSecAgg.from_state_dict(ConfigRecord(state.state_dict()))
+    assert again == state
+
+
+def test_secagg_config_problems_name_the_unsafe_combinations():
+    config = load_config(None, ["secagg.enabled=true", "strategy.name=krum", "central_dp.enabled=true",
+                                "train.transfer_dtype=int8"])
+    problems = secagg_config_problems(config)
+    assert len(problems) == 3
+    assert "strategy.name='krum'" in problems[0] and "robust aggregators" in problems[0]
+    assert "central_dp.enabled=true" in problems[1]
+    assert "train.transfer_dtype='int8'" in problems[2]
+    assert secagg_config_problems(load_config(None, ["secagg.enabled=true", "strategy.name=fedadam"])) == []
+    with pytest.raises(Exception, match="secagg.threshold"):
+        load_config(None, ["secagg.threshold=0.5"])
+
+
+def test_real_sites_train_under_secure_aggregation(flower_task_identity, tmp_path):
+    """Three hospitals (site-name, data-dir, state-dir, policy requiring secagg) through the real ClientApp."""
+    from conftest import RealSite
+
+    from client.app import app as client_app
+
+    sites = {}
+    for node, name in ((11, "north"), (12, "south"), (10**19 + 1, "east")):
+        site = RealSite(tmp_path / name)
+        site.node_config["site-name"] = name
+        site.write_policy(lifetime_epsilon=10.0, lifetime_delta=1e-4, require_secagg=True)
+        sites[node] = site
+    run_config = next(iter(sites.values())).run_config("secagg.enabled=true")
+    grid = FakeGrid({node: client_app for node in sites})
+    for node, site in sites.items():
+        grid.contexts[node] = Context(run_id=11, node_id=node, node_config=dict(site.node_config),
+                                      state=RecordDict(), run_config=dict(run_config))
+    global_weights = RealSite.weights(run_config)
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.67, timeout=None)
+    messages = strategy.configure_train(1, ArrayRecord(global_weights), ConfigRecord({"run-name": "r"}), grid)
+    replies = grid.send_and_receive(messages)
+    for reply in replies:  # what the coordinator gets from training: one masked vector and DP metrics, no count
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert list(reply.content["arrays"].keys()) == [MASKED_ARRAY]
+        assert "num-examples" not in reply.content["metrics"] and "epsilon" in reply.content["metrics"]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.last_weight == 3 * 128  # each site's 128 training images
+    assert set(arrays.keys()) == set(global_weights)
+    moved = max(float((arrays[k].numpy() - v.numpy()).__abs__().max()) for k, v in global_weights.items())
+    assert 0 < moved < PARAMS.clipping_range
+    # The same site, asked for a plain round, refuses before training (its policy requires secure aggregation).
+    plain = sites[11].train(node_config=sites[11].node_config)
+    assert plain.content["status"]["refused"].startswith("secagg-required: ")
