@@ -290,8 +290,9 @@ class RunIndex:
             self._scanned = time.monotonic()
             runs: dict[str, Path] = {}
             sweeps: dict[str, Path] = {}
-            for index, root in enumerate(self.roots):
-                prefix = f"{index}/" if len(self.roots) > 1 else ""
+            unique = len({r.name for r in self.roots}) == len(self.roots)
+            for index, root in enumerate(self.roots):  # several roots: keys start with the root's name
+                prefix = "" if len(self.roots) == 1 else (f"{root.name}/" if unique else f"{index}/")
                 for kind, path in _find(root, depth=0):
                     rel = path.relative_to(root).as_posix() if path != root else root.name
                     (runs if kind == "run" else sweeps)[prefix + rel] = path

@@ -210,7 +210,8 @@ def test_token_is_checked_on_every_request(runs_dir: Path) -> None:
     assert client.get("/run/demo", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
     entry = client.get("/run/demo?token=s3cret-token&x=1", follow_redirects=False)
     assert entry.status_code == 303 and entry.headers["location"] == "/run/demo?x=1"
-    assert "httponly" in entry.headers["set-cookie"].lower() and "samesite=strict" in entry.headers["set-cookie"].lower()
+    cookie = entry.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
     assert client.cookies.get(TOKEN_COOKIE) == "s3cret-token"
     assert client.get("/api/run/demo").status_code == 200  # the cookie now carries it
     assert client.post("/", headers={"X-Medfed-Token": "s3cret-token"}).status_code == 405
@@ -242,7 +243,8 @@ def test_sweep_page_comparison_plot_and_runs(tmp_path: Path) -> None:
     assert '<a href="/sweep/budget">budget</a> (1 runs)' in home
     assert '<a href="/run/budget/runs/fedavg-eps8-seed0">' in home
     page = client.get("/sweep/budget").text
-    assert "<th>global_auc_mean</th>" in page and "<td>clean</td><td>fedavg</td><td>8</td><td>1</td><td>0.812</td>" in page
+    assert "<th>global_auc_mean</th>" in page
+    assert "<td>clean</td><td>fedavg</td><td>8</td><td>1</td><td>0.812</td>" in page
     assert 'src="/file/budget?path=plots/privacy_utility.png"' in page
     plot = client.get("/file/budget", params={"path": "plots/privacy_utility.png"})
     assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
@@ -321,3 +323,12 @@ def test_the_cli_loads_without_fastapi_or_uvicorn() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_several_roots_are_told_apart_by_their_names(tmp_path: Path) -> None:
+    write_run(tmp_path / "coordinator-a", rounds=1)
+    write_run(tmp_path / "coordinator-b", rounds=2)
+    client = TestClient(create_app([tmp_path / "coordinator-a", tmp_path / "coordinator-b"]))
+    home = client.get("/").text
+    assert '<a href="/run/coordinator-a/demo">' in home and '<a href="/run/coordinator-b/demo">' in home
+    assert _rounds_rows(client.get("/run/coordinator-b/demo").text) == ["2", "1", "0"]
