@@ -46,7 +46,8 @@ def _runs_table(site: SiteFolder, audits: Sequence) -> str:
             f"{entry.delta:g}" if entry else "–", ("yes" if entry.dp else "no") if entry else "–",
             h(entry.rounds) if entry else "–", h(audit.rounds_trained if audit else 0),
             h(audit.rounds_evaluated if audit else 0), h(audit.refusals if audit else 0),
-            h(audit.errors if audit else 0), h(_when(entry.updated)) if entry else h((audit.last if audit else "")[:16]),
+            h(audit.errors if audit else 0),
+            h(_when(entry.updated)) if entry else h((audit.last if audit else "")[:16]),
         ])
     head = ["run", "ε spent", "ε reserved", "δ", "DP", "rounds (ledger)", "trained", "evaluated", "refused",
             "errors", "last"]

@@ -20,7 +20,7 @@ GLOBAL_COLOUR = "#222222"
 def site_colour(index: int) -> str:
     """The colour of the ``index``-th site (sorted by name) on every chart."""
     return PALETTE[index % len(PALETTE)]
-WIDTH, HEIGHT = 560, 250
+WIDTH, HEIGHT = 520, 250
 LEFT, RIGHT, TOP, BOTTOM = 52, 130, 28, 34
 
 
