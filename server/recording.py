@@ -4,6 +4,10 @@ It wraps the configured (and quorum-guarded) strategy, so aggregation itself is
 untouched: it only looks at the replies on their way in, writes per-site lines to
 the run directory, and shifts round numbers when a run is resumed so that the
 inner strategy and the sites see the true round.
+
+A site names itself in its reply, so the name is bound to the SuperNode that sent
+it (:class:`SiteIdentities`): a reply claiming a name another node holds, or a
+node that changes its name, is recorded as failed and never reaches aggregation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -29,6 +33,41 @@ def site_name(msg: Message) -> str:
         if isinstance(record, ConfigRecord) and "name" in record:
             return str(record["name"])
     return f"node-{msg.metadata.src_node_id}"
+
+
+#: Error code of a reply the coordinator rejected itself (Flower's codes are small integers).
+IDENTITY_REJECTED = 1001
+
+
+class SiteIdentities:
+    """Site names bound to the SuperNodes (node ids) that first reported them, for one run.
+
+    The first name a node id reports is bound to it; Flower authenticates node ids
+    (a registered key each, with ``--enable-supernode-auth``), whereas a site's name
+    is only what its reply says. A coordinator process that resumes a run binds anew.
+    """
+
+    def __init__(self) -> None:
+        self.name_of: dict[int, str] = {}
+        self.node_of: dict[str, int] = {}
+
+    def check(self, msg: Message) -> str | None:
+        """Bind the reply's name to its node, or return why the reply is rejected (None: accepted)."""
+        node, name = int(msg.metadata.src_node_id), site_name(msg)
+        if msg.has_error():
+            return None  # claims no name
+        bound = self.name_of.get(node)
+        if bound is not None and bound != name:
+            return f"node {node} reported as {name!r}, but it is {bound!r} in this run"
+        holder = self.node_of.get(name)
+        if holder is not None and holder != node:
+            return f"node {node} claimed the name {name!r} of node {holder}"
+        self.name_of[node], self.node_of[name] = name, node
+        return None
+
+    def name(self, msg: Message) -> str:
+        """The bound name of the reply's node (``node-<id>`` before it named itself)."""
+        return self.name_of.get(int(msg.metadata.src_node_id), f"node-{msg.metadata.src_node_id}")
 
 
 def _metrics(msg: Message) -> dict[str, float]:
@@ -51,6 +90,20 @@ class RecordingStrategy(StrategyWrapper):
         self.run = run
         self.round_offset = round_offset
         self.current: dict[str, Any] = {}
+        self.identities = SiteIdentities()
+
+    def _screen(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies with every identity violation turned into an error reply (recorded as failed)."""
+        screened = []
+        for msg in replies:
+            problem = self.identities.check(msg)
+            if problem is not None:
+                logger.warning("rejecting a reply: %s", problem)
+                msg = Message(error=Error(code=IDENTITY_REJECTED, reason=f"identity: {problem}"),
+                              metadata=msg.metadata)
+            self.current.setdefault("nodes", {})[self.identities.name(msg)] = int(msg.metadata.src_node_id)
+            screened.append(msg)
+        return screened
 
     def true_round(self, server_round: int) -> int:
         """The round number of the whole run (``server_round`` counts from this process's start)."""
@@ -65,10 +118,10 @@ class RecordingStrategy(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = self._screen(replies)
         rnd = self.true_round(server_round)
         for msg in replies:
-            name = site_name(msg)
+            name, node = self.identities.name(msg), int(msg.metadata.src_node_id)
             if msg.has_error():
                 self.current["failed"][name] = msg.error.reason
                 continue
@@ -78,7 +131,8 @@ class RecordingStrategy(StrategyWrapper):
                 continue
             metrics = _metrics(msg)
             self.current["sites"][name] = {"train": metrics}
-            self.run.append(SITES_FILE, {"round": rnd, "site": name, "phase": "train", "metrics": metrics})
+            self.run.append(SITES_FILE, {"round": rnd, "site": name, "node": node, "phase": "train",
+                                         "metrics": metrics})
             if "epsilon" in metrics:
                 self.run.append(
                     PRIVACY_FILE,
@@ -95,10 +149,10 @@ class RecordingStrategy(StrategyWrapper):
         return super().configure_evaluate(self.true_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        replies = self._screen(replies)
         rnd = self.true_round(server_round)
         for msg in replies:
-            name = site_name(msg)
+            name, node = self.identities.name(msg), int(msg.metadata.src_node_id)
             if msg.has_error():
                 self.current.setdefault("failed", {})[name] = msg.error.reason
                 continue
@@ -108,7 +162,8 @@ class RecordingStrategy(StrategyWrapper):
                 continue
             metrics = _metrics(msg)
             self.current.setdefault("sites", {}).setdefault(name, {})["evaluate"] = metrics
-            self.run.append(SITES_FILE, {"round": rnd, "site": name, "phase": "evaluate", "metrics": metrics})
+            self.run.append(SITES_FILE, {"round": rnd, "site": name, "node": node, "phase": "evaluate",
+                                         "metrics": metrics})
         aggregated = super().aggregate_evaluate(rnd, replies)
         self.current["evaluate"] = dict(aggregated) if aggregated is not None else {}
         return aggregated

@@ -8,10 +8,12 @@ config or message, and checks that the site's own configuration decides.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from client.app import app
 from client.handling import SiteNodeConfigIncomplete
@@ -116,3 +118,45 @@ def test_only_a_worker_of_flowers_simulation_actor_pool_is_simulated() -> None:
     finally:
         if started:
             ray.shutdown()
+
+
+# ------------------------------------------------- 26.8: a reply's name is bound to the SuperNode that sent it
+def _reply(node: int, name: str, value: float) -> Message:
+    content = RecordDict({"site": ConfigRecord({"name": name}),
+                          "arrays": ArrayRecord({"w": torch.full((2,), value)}),
+                          "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.0})})
+    metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="ins", group_id="1", created_at=time.time(), ttl=600.0,
+                        message_type="train")
+    return Message(content=content, metadata=metadata)
+
+
+def test_a_site_cannot_report_as_another_or_change_its_name(tmp_path: Path) -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from federation.config import load_config
+    from server.recording import RecordingStrategy
+    from server.run_dir import SITES_FILE, RunDirectory, read_jsonl
+    from strategies import QuorumStrategy
+
+    run = RunDirectory.create(load_config(None, [f"server.out_dir={tmp_path}", "server.run_name=ids"]))
+    recorder = RecordingStrategy(QuorumStrategy(inner=FedAvg(), min_replies=1), run=run)
+    recorder.current = {"round": 1, "sites": {}, "refused": {}, "failed": {}}
+    arrays, _ = recorder.aggregate_train(1, [_reply(11, "hospital-a", 1.0), _reply(12, "hospital-b", 3.0)])
+    assert arrays["w"].numpy().tolist() == [2.0, 2.0]
+    assert recorder.pop_round()["nodes"] == {"hospital-a": 11, "hospital-b": 12}
+
+    recorder.current = {"round": 2, "sites": {}, "refused": {}, "failed": {}}
+    replies = [_reply(11, "hospital-a", 1.0), _reply(13, "hospital-a", 1000.0), _reply(12, "hospital-c", 1000.0)]
+    arrays, _ = recorder.aggregate_train(2, replies)
+    assert arrays["w"].numpy().tolist() == [1.0, 1.0]  # only the genuine hospital-a was aggregated
+    record = recorder.pop_round()
+    assert list(record["sites"]) == ["hospital-a"]
+    assert record["failed"] == {
+        "node-13": "identity: node 13 claimed the name 'hospital-a' of node 11",
+        "hospital-b": "identity: node 12 reported as 'hospital-c', but it is 'hospital-b' in this run",
+    }
+    assert record["nodes"] == {"hospital-a": 11, "node-13": 13, "hospital-b": 12}
+    lines = read_jsonl(run.path / SITES_FILE)
+    assert [(line["round"], line["site"], line["node"]) for line in lines] == [
+        (1, "hospital-a", 11), (1, "hospital-b", 12), (2, "hospital-a", 11)]
