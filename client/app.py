@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.admission import evaluate_refusal
-from client.guard import EVALUATE_METRICS, TRAIN_METRICS, check_reply, refusal
+from client.guard import EVALUATE_METRICS, check_reply, refusal, train_metrics_allowed
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
 from client.site import evaluate_round, train_round
 from client.transfer import update_record
@@ -56,7 +56,8 @@ def _train(msg: Message, context: Context, request: Request) -> RecordDict:
     content["arrays"] = update_record(outcome.weights, global_weights, transfer_dtype=transfer)
     content["metrics"] = MetricRecord(outcome.metrics)
     shapes = {name: tuple(tensor.shape) for name, tensor in global_weights.items()}
-    return check_reply(content, allowed_metrics=TRAIN_METRICS, parameter_shapes=shapes, transfer_dtype=transfer)
+    allowed = train_metrics_allowed(dp=config.privacy.enabled, simulated=settings.simulated)
+    return check_reply(content, allowed_metrics=allowed, parameter_shapes=shapes, transfer_dtype=transfer)
 
 
 def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:

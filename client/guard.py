@@ -23,11 +23,13 @@ from flwr.common.constant import ErrorCode
 
 from client.clinical_guard import CLINICAL_METRICS, group_size_problems
 from federation.compression import transfer_layout
+from federation.training.results import TRAIN_METRICS as _TRAIN_METRIC_NAMES
+from federation.training.results import UNPRIVATIZED_TRAIN_METRICS
 
-#: Metric names a site may send after training.
-TRAIN_METRICS = frozenset(
-    {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "steps", "seconds"}
-)
+#: Metric names a site may send after training (declared in :mod:`federation.training.results`).
+TRAIN_METRICS = frozenset(_TRAIN_METRIC_NAMES)
+#: What a real site that trains with DP may send: nothing computed from its data without noise.
+DP_SITE_TRAIN_METRICS = TRAIN_METRICS - UNPRIVATIZED_TRAIN_METRICS
 #: Metric names a site may send after evaluation.
 EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"}) | CLINICAL_METRICS
 #: Config entries a site may send: its (public) name, and a refusal reason.
@@ -59,6 +61,11 @@ _ID_LIKE = re.compile(r"[0-9.]{14,}")
 
 class OutboundViolation(RuntimeError):
     """A reply would carry something the site does not allow to leave."""
+
+
+def train_metrics_allowed(*, dp: bool, simulated: bool) -> frozenset[str]:
+    """Train metric names a reply may carry: a real site under DP sends no un-noised statistic (train-loss)."""
+    return DP_SITE_TRAIN_METRICS if dp and not simulated else TRAIN_METRICS
 
 
 def check_site_name(name: str) -> str:

@@ -296,6 +296,9 @@ def _train_admitted(
             seed=config.seed * 100_003 + server_round * 1_009 + settings.site_index,
             proximal_mu=proximal_mu,
             device=select_device(config.train.device),
+            # A real site's DP noise and sampling come from a secret only it holds (issue 26): the
+            # coordinator knows every input of the seed above and could regenerate and subtract them.
+            noise_source="seeded" if settings.simulated else "secure",
         )
     except PrivacyBudgetExhausted as stop:  # admit_train_round checks this first; kept as a backstop
         logger.warning("site %s refuses round %d: %s", settings.name, server_round, stop.reason)
@@ -307,15 +310,8 @@ def _train_admitted(
         delta=float(result.delta) if privacy is not None else 0.0, server_round=server_round,
         dp=privacy is not None, run_id=run_id,
     )
-    metrics = {
-        "num-examples": float(result.num_examples),
-        "train-loss": float(result.loss),
-        "epsilon": float(result.epsilon),
-        "delta": float(result.delta),
-        "noise-multiplier": float(result.noise_multiplier),
-        "steps": float(result.steps),
-        "seconds": float(result.seconds),
-    }
+    # A real DP site sends no exact statistic of its data (the training loss is neither noised nor accounted).
+    metrics = result.metrics(unprivatized=privacy is None or settings.simulated)
     weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=model_state(model),
                                server_round=server_round)  # simulated update attacks only
     return TrainOutcome(weights=weights, metrics=metrics, admission=admission)

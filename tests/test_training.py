@@ -84,8 +84,10 @@ def test_plain_training_learns_and_reports() -> None:
     assert (first.num_examples, first.steps) == (64, 4)
     assert (first.epsilon, first.delta, first.noise_multiplier) == (0.0, 0.0, 0.0)
     assert first.seconds > 0
-    assert set(first.metrics()) == {"num_examples", "train_loss", "steps", "epsilon", "delta",
-                                    "noise_multiplier", "seconds"}
+    assert list(first.metrics()) == ["num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "steps",
+                                     "seconds"]
+    assert list(first.metrics(unprivatized=False)) == ["num-examples", "epsilon", "delta", "noise-multiplier",
+                                                       "steps", "seconds"]
 
 
 def test_fractional_epochs_set_the_step_count() -> None:
@@ -121,7 +123,7 @@ def test_private_training_learns_and_accounts_every_step() -> None:
     results = []
     for round_number in range(3):
         result = train_local(model=model, dataset=dataset, config=_config(), privacy=privacy,
-                             seed=round_number, device=CPU)
+                             seed=round_number, device=CPU, noise_source="seeded")
         results.append(result)
         true_steps = (round_number + 1) * privacy.steps_per_round
         assert result.steps == privacy.steps_per_round == 4
@@ -142,15 +144,21 @@ def test_private_training_learns_and_accounts_every_step() -> None:
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
-def test_same_seed_same_weights_with_dp() -> None:
+def test_same_seed_same_weights_with_seeded_dp_only() -> None:
     dataset = _dataset()
     runs = []
-    for seed in (3, 3, 4):
+    for seed, source in ((3, "seeded"), (3, "seeded"), (4, "seeded"), (3, "secure"), (3, "secure")):
         model = _model()
-        train_local(model=model, dataset=dataset, config=_config(), privacy=_privacy(64), seed=seed, device=CPU)
+        train_local(model=model, dataset=dataset, config=_config(), privacy=_privacy(64), seed=seed, device=CPU,
+                    noise_source=source)
         runs.append(model_state(model))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+    for other in runs[2:]:  # another seed, or the secure default (a real site): other noise, whatever the seed
+        assert any(not torch.equal(runs[0][k], other[k]) for k in runs[0])
+    assert any(not torch.equal(runs[3][k], runs[4][k]) for k in runs[3])
+    with pytest.raises(ValueError, match="unknown noise_source 'config'; valid: secure, seeded"):
+        train_local(model=_model(), dataset=dataset, config=_config(), privacy=_privacy(64), seed=3, device=CPU,
+                    noise_source="config")
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
@@ -167,7 +175,7 @@ def test_empty_poisson_batches_are_noise_only_steps(mode: str, monkeypatch: pyte
     dataset = _dataset(16)
     privacy = _privacy(16, batch_size=1, noise_multiplier=1.0, grad_sample_mode=mode)
     result = train_local(model=_model(), dataset=dataset, config=_config(batch_size=1),
-                         privacy=privacy, seed=0, device=CPU)
+                         privacy=privacy, seed=0, device=CPU, noise_source="seeded")
     assert empty, "expected at least one empty Poisson batch"
     assert result.steps == 16
     assert privacy.history == [(1.0, 1 / 16, 16)]

@@ -441,8 +441,9 @@ class SitePrivacy:
             optimizer: An optimizer over ``model``'s parameters.
             data_loader: A loader over the site's training set (its dataset,
                 collate function and worker settings are reused).
-            seed: Seeds the Poisson sampler and the noise; ``None`` uses torch's
-                global generator.
+            seed: ``None`` (default; what a real site must use): the Poisson
+                sampler and the noise draw from secret generators seeded from the
+                OS CSPRNG. An int makes them reproducible (simulation only).
 
         Returns:
             ``(dp_model, dp_optimizer, dp_data_loader)``. Undo the wrapping with

@@ -16,6 +16,16 @@ The Poisson loader yields an :class:`EmptyBatch` marker for them, and
 every ``grad_sample_mode`` (``ew`` and ``functorch`` cannot run a zero-size batch)
 and every item type.
 
+Where the randomness comes from is the caller's explicit choice (``seed``): with no
+seed (the default) the Gaussian noise and the Poisson sampling draw from generators
+seeded with 64 fresh bits of the operating system's CSPRNG (:mod:`secrets`) on every
+call, held only by this process, and the noise uses Opacus' ``secure_mode`` sampling
+(a sum of Gaussians against floating-point attacks) - what a real site must use,
+since nothing the coordinator knows can regenerate it. Opacus' own ``secure_mode``
+needs ``torchcsprng``, which no longer builds for current torch, so it is not used
+for the generator. A seed makes both reproducible (simulated sites only): anyone who
+knows the seed can regenerate the noise and subtract it.
+
 ``grad_sample_mode="ghost"`` bypasses PrivacyEngine's model wrapping: the model is
 wrapped in :class:`~federation.privacy.fast_clipping.GhostClippingModule` (mixed
 ghost norms, clipped gradient in one backward pass) with
@@ -26,6 +36,7 @@ ghost norms, clipped gradient in one backward pass) with
 from __future__ import annotations
 
 import logging
+import secrets
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,8 +91,11 @@ def make_private(
             train with :func:`clipped_backward`), Opacus' ``hooks``, ``ew`` or
             ``functorch``, or ``auto``
             (:func:`~federation.privacy.fast_clipping.select_grad_sample_mode`).
-        seed: Seeds the Poisson sampler and the Gaussian noise (reproducible, not
-            cryptographically secure); ``None`` uses torch's global generator.
+        seed: ``None`` (default, the only choice for a real site): the Poisson
+            sampler and the Gaussian noise draw from fresh secret generators
+            (:func:`secure_generator`) and the noise is sampled in Opacus'
+            ``secure_mode``. An int makes both reproducible from it (simulation only:
+            whoever knows the seed can regenerate the noise).
 
     Returns:
         ``(dp_model, dp_optimizer, dp_loader)``: Opacus' GradSampleModule around
@@ -124,6 +138,7 @@ def make_private(
             f"'instance' instead of BatchNorm: {error}"
         ) from error
     dp_optimizer.expected_batch_size = max(1, round(num_examples * sample_rate))
+    dp_optimizer.secure_mode = seed is None  # Opacus' noise sampling robust to floating-point attacks
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     dp_loader = _poisson_loader(data_loader, sample_rate=sample_rate, seed=seed)
     return dp_model, dp_optimizer, dp_loader
@@ -178,11 +193,20 @@ def _engine(accountant: IAccountant) -> PrivacyEngine:
     return engine
 
 
-def _noise_generator(model: nn.Module, seed: int | None) -> torch.Generator | None:
-    """A generator on the parameters' device for the DP noise, or None (global RNG)."""
-    if seed is None:
-        return None
+def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded with 64 fresh bits from the OS CSPRNG (:mod:`secrets`).
+
+    Its seed exists only in this process and is never logged or stored, so nothing in
+    a run config or message can reproduce what it draws.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
+
+
+def _noise_generator(model: nn.Module, seed: int | None) -> torch.Generator:
+    """The DP noise generator on the parameters' device: secret without a seed, else from ``seed``."""
     device = next(model.parameters()).device
+    if seed is None:
+        return secure_generator(device)
     return torch.Generator(device=device).manual_seed(int(seed) + 1)
 
 
@@ -218,8 +242,9 @@ def _poisson_loader(data_loader: DataLoader, *, sample_rate: float, seed: int | 
 
     Each batch includes every example independently with probability ``sample_rate``
     (Opacus' ``UniformWithReplacementSampler``); one pass yields ``int(1 / q)`` batches.
+    The sampler's generator is secret without a ``seed`` (see :func:`secure_generator`).
     """
-    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else data_loader.generator
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else secure_generator()
     sampler = UniformWithReplacementSampler(
         num_samples=len(data_loader.dataset),  # type: ignore[arg-type]
         sample_rate=sample_rate,

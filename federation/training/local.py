@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,6 +36,8 @@ from federation.privacy import (
     unwrap_model,
     uses_clipped_backward,
 )
+from federation.tasks import get_task
+from federation.tasks.base import Task
 from federation.training.batches import split_batch
 from federation.training.device import seed_everything, select_device, set_threads, tune_cpu_allocator, use_amp
 from federation.training.results import TrainResult
@@ -44,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 MAX_PROXIMAL_FACTOR = 1.0
 """Cap on ``lr * mu`` in the proximal update (1.0 = move exactly onto the global weights)."""
+
+NoiseSource = Literal["secure", "seeded"]
+"""Where DP-SGD's noise and Poisson sampling come from (see :func:`train_local`)."""
+NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
+
+
+def _check_noise_source(noise_source: str) -> None:
+    if noise_source not in NOISE_SOURCES:
+        raise ValueError(f"unknown noise_source {noise_source!r}; valid: {', '.join(NOISE_SOURCES)}")
 
 
 @dataclass
@@ -131,6 +142,7 @@ def _train_step(
     amp: bool,
     private: bool,
     tally: _Tally,
+    task: Task,
 ) -> None:
     """One optimizer step; an empty Poisson batch under DP becomes a noise-only step."""
     optimizer.zero_grad(set_to_none=True)
@@ -149,11 +161,11 @@ def _train_step(
     with autocast:
         logits = model(images)
     if ghost:  # per-sample norms, then the clipped gradient sum in p.grad (one backward pass)
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = task.per_sample_loss(logits, labels)
         clipped_backward(model, losses)
         loss = losses.detach().mean()
     else:
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = task.loss(logits, labels)
         with warnings.catch_warnings():
             # Opacus' per-sample-gradient hooks on the first layer trigger this harmless torch warning.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -174,6 +186,7 @@ def _run_steps(
     amp: bool,
     private: bool,
     proximal: _Proximal | None,
+    task: Task,
 ) -> _Tally:
     """Take exactly ``steps`` optimizer steps over endlessly repeated ``loader`` batches."""
     tally = _Tally()
@@ -181,7 +194,7 @@ def _run_steps(
     while tally.steps < steps:
         before = tally.steps
         _train_step(model=model, optimizer=optimizer, batch=next(batches), device=device,
-                    amp=amp, private=private, tally=tally)
+                    amp=amp, private=private, tally=tally, task=task)
         if proximal is not None and tally.steps > before:
             proximal.apply()
     return tally
@@ -205,11 +218,15 @@ def _train_private(
     dataset: Dataset,
     config: TrainConfig,
     privacy: SitePrivacy,
-    seed: int,
+    seed: int | None,
     device: torch.device,
     proximal: _Proximal | None,
+    task: Task,
 ) -> _Tally:
-    """DP-SGD for ``privacy.steps_per_round`` steps; checks the accountant saw every step."""
+    """DP-SGD for ``privacy.steps_per_round`` steps; checks the accountant saw every step.
+
+    ``seed=None`` draws the noise and the Poisson batches from secret generators.
+    """
     before = privacy.total_steps
     base_loader = DataLoader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
     dp_model, dp_optimizer, dp_loader = privacy.make_private(
@@ -218,7 +235,7 @@ def _train_private(
     try:
         tally = _run_steps(model=dp_model, optimizer=dp_optimizer, loader=dp_loader,
                            steps=privacy.steps_per_round, device=device, amp=False,
-                           private=True, proximal=proximal)
+                           private=True, proximal=proximal, task=task)
     finally:
         unwrap_model(dp_model)
     recorded = privacy.total_steps - before
@@ -236,6 +253,7 @@ def _train_plain(
     seed: int,
     device: torch.device,
     proximal: _Proximal | None,
+    task: Task,
 ) -> _Tally:
     """Non-private training: shuffled batches, bf16 autocast on CUDA when configured."""
     num_examples = len(dataset)  # type: ignore[arg-type]
@@ -250,7 +268,7 @@ def _train_plain(
     )
     amp = use_amp(device=device, requested=config.amp, private=False)
     return _run_steps(model=model, optimizer=optimizer, loader=loader, steps=steps, device=device,
-                      amp=amp, private=False, proximal=proximal)
+                      amp=amp, private=False, proximal=proximal, task=task)
 
 
 def train_local(
@@ -262,6 +280,8 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
+    noise_source: NoiseSource = "secure",
+    task: Task | str = "classification",
 ) -> TrainResult:
     """Train ``model`` in place on the site's data for one federated round.
 
@@ -281,12 +301,21 @@ def train_local(
         dataset: The site's training set.
         config: Local training settings.
         privacy: The site's run-long privacy state, or ``None`` for non-private training.
-        seed: Seeds the global RNGs, shuffling, Poisson sampling and DP noise. Under
-            DP it is mixed with the accountant's step count, so every round gets
-            fresh randomness even if the same seed is passed each time.
+        seed: Seeds the global RNGs and shuffling; under DP with
+            ``noise_source="seeded"`` also the Poisson sampling and the noise, mixed
+            with the accountant's step count so every round gets fresh streams.
         proximal_mu: FedProx ``mu`` (0 disables): after every step,
             ``w <- w - min(lr * mu, 1) * (w - w_global)``.
         device: Where to train; ``None`` selects ``config.device``.
+        noise_source: Under DP, ``"secure"`` (default; the only choice for a real
+            site) draws the noise, the Poisson sampling and the global RNGs from a
+            secret seeded by the OS CSPRNG on every call, so nothing the caller or a
+            coordinator knows reproduces them. ``"seeded"`` derives them from
+            ``seed`` (bit-reproducible simulations; whoever knows ``seed`` can
+            regenerate and subtract the noise). Ignored without privacy.
+        task: The :class:`~federation.tasks.base.Task` (or its ``data.task`` name)
+            whose loss is minimised: cross-entropy for classification, DiceCELoss
+            for segmentation (one loss per sample under DP-SGD).
 
     Returns:
         The round's :class:`TrainResult`.
@@ -302,6 +331,8 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    _check_noise_source(noise_source)
+    task = get_task(task) if isinstance(task, str) else task
     if privacy is not None:
         _check_privacy_matches(privacy, num_examples=num_examples, config=config)
         privacy.check_round()
@@ -309,7 +340,13 @@ def train_local(
     set_threads(config.num_threads)
     if device.type == "cpu":
         tune_cpu_allocator()
-    round_seed = seed if privacy is None else _round_seed(seed, privacy.total_steps)
+    secure = privacy is not None and noise_source == "secure"
+    if privacy is None:
+        round_seed = seed
+    elif secure:  # dropout, augmentation: nothing about a real DP round is reproducible from the config
+        round_seed = secrets.randbits(63)
+    else:
+        round_seed = _round_seed(seed, privacy.total_steps)
     seed_everything(round_seed)
 
     was_training = model.training
@@ -321,10 +358,11 @@ def train_local(
     try:
         if privacy is None:
             tally = _train_plain(model=model, optimizer=optimizer, dataset=dataset, config=config,
-                                 seed=round_seed, device=device, proximal=proximal)
+                                 seed=round_seed, device=device, proximal=proximal, task=task)
         else:
             tally = _train_private(model=model, optimizer=optimizer, dataset=dataset, config=config,
-                                   privacy=privacy, seed=round_seed, device=device, proximal=proximal)
+                                   privacy=privacy, seed=None if secure else round_seed, device=device,
+                                   proximal=proximal, task=task)
     finally:
         model.train(was_training)
     return _result(tally=tally, num_examples=num_examples, privacy=privacy, started=started)
