@@ -69,6 +69,47 @@ class DataConfig(_Section):
     dicom_normalize: Literal["auto", "range", "minmax"] = Field("auto", description="dicom: intensity scaling to [0, 1].")
     dicom_cache_dir: str = Field("", description="dicom: header index folder (empty = inside data_dir).")
     dicom_test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="dicom: patients held out as the local test split.")
+    task: str = Field(
+        "classification", description="What the model learns: classification or segmentation (see federation.tasks)."
+    )
+    volume_shape: str = Field(
+        "", description="NIfTI segmentation data: D,H,W every volume is padded/cropped to (empty = the dataset's default)."
+    )
+    nifti_label_names: str = Field(
+        "", description="nifti: mask class names in label order, comma separated (empty = the folder's dataset.json)."
+    )
+    nifti_test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="msd_hippocampus/nifti: cases held out as the test split."
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _check_task(cls, value: str) -> str:
+        from federation.tasks import check_task_name  # noqa: PLC0415 - keeps the schema free of the registry
+
+        return check_task_name(value)  # raises ValueError listing the valid names
+
+    @field_validator("volume_shape", mode="before")
+    @classmethod
+    def _check_volume_shape(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip():
+            parse_volume_shape(value)
+        return value
+
+
+def parse_volume_shape(value: str) -> tuple[int, ...]:
+    """Parse ``data.volume_shape`` (``"40,56,40"``) into three sides of at least 8 voxels.
+
+    Raises:
+        ValueError: Not three whole numbers >= 8.
+    """
+    try:
+        shape = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"data.volume_shape must be D,H,W whole numbers, got {value!r}") from None
+    if len(shape) != 3 or any(side < 8 or side > 512 for side in shape):
+        raise ValueError(f"data.volume_shape must be three sides in [8, 512] (D,H,W), got {value!r}")
+    return shape
 
 
 class ModelConfig(_Section):

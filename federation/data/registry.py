@@ -65,6 +65,12 @@ class DatasetSplits:
             site of every training sample, int64 ``(N,)`` (``data.partition=natural``).
         test_sites: The site of every test sample, int64 ``(M,)``.
         site_names: Display names of the natural sites, in site order.
+        train_masks: Segmentation datasets: the label map of every training sample,
+            uint8 ``(N, 1, *spatial)`` with values in ``[0, num_classes)`` (0 = background);
+            then ``num_classes``/``label_names`` describe the mask classes and each
+            ``labels`` entry is the sample's stratum for partitioning: its largest
+            class present in the mask (0 if empty). ``None`` for other datasets.
+        test_masks: The test samples' label maps, same layout.
     """
 
     name: str
@@ -82,6 +88,8 @@ class DatasetSplits:
     train_sites: np.ndarray | None = None
     test_sites: np.ndarray | None = None
     site_names: tuple[str, ...] = ()
+    train_masks: np.ndarray | None = None
+    test_masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Check shapes, dtypes and label ranges so a faulty loader fails early."""
@@ -118,6 +126,7 @@ class DatasetSplits:
                     f"found [{labels.min()}, {labels.max()}]"
                 )
         _check_natural_sites(self)
+        _check_masks(self)
 
     @property
     def spatial_dims(self) -> int:
@@ -147,6 +156,22 @@ def _check_natural_sites(splits: DatasetSplits) -> None:
                 f"dataset '{splits.name}': {split}_sites must lie in [0, {len(splits.site_names)}) "
                 f"(one name per site in site_names)"
             )
+
+
+def _check_masks(splits: DatasetSplits) -> None:
+    """Segmentation masks: both splits or neither, uint8 ``(N, 1, *spatial)`` like the images, classes in range."""
+    if (splits.train_masks is None) != (splits.test_masks is None):
+        raise ValueError(f"dataset '{splits.name}': train_masks and test_masks must both be set or both be None")
+    for split, masks, images in (("train", splits.train_masks, splits.train_images),
+                                 ("test", splits.test_masks, splits.test_images)):
+        if masks is None:
+            continue
+        if masks.dtype != np.uint8 or masks.shape != (images.shape[0], 1, *images.shape[2:]):
+            raise ValueError(f"dataset '{splits.name}', {split} split: masks must be uint8 "
+                             f"{(images.shape[0], 1, *images.shape[2:])}, got {masks.dtype} {masks.shape}")
+        if masks.size and masks.max() >= splits.num_classes:
+            raise ValueError(f"dataset '{splits.name}', {split} split: mask values must lie in "
+                             f"[0, {splits.num_classes}), found {masks.max()}")
 
 
 DatasetLoader = Callable[..., DatasetSplits]
@@ -185,6 +210,7 @@ class _Entry:
     site_shift_strength: float
     info: DatasetInfo | None
     declared: DeclaredInfo | None = None  # set: site-only (the coordinator holds no data of it)
+    tasks: tuple[str, ...] = ("classification",)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -195,6 +221,7 @@ BUILTIN_DATASET_MODULES = (
     "federation.data.medmnist",
     "federation.data.heart",
     "federation.data.medmnist3d",
+    "federation.data.synthetic_seg",
     "federation.data.dicom.dataset",
 )
 _builtins_lock = threading.RLock()
@@ -231,6 +258,7 @@ def register_dataset(
     site_shift_strength: float = 0.0,
     info: DatasetInfo | None = None,
     site_only: DeclaredInfo | None = None,
+    tasks: tuple[str, ...] = ("classification",),
     replace: bool = False,
 ) -> None:
     """Register a dataset loader under ``name``.
@@ -249,6 +277,7 @@ def register_dataset(
             the model's channels and classes from the run config, or returns the
             problems naming the keys to set. Such runs never load data on the
             coordinator, and a site whose data disagrees refuses (:func:`check_site_data`).
+        tasks: The ``data.task`` values it serves (segmentation needs masks in its splits).
         replace: Allow replacing an existing registration.
 
     Raises:
@@ -265,7 +294,7 @@ def register_dataset(
     if site_only is not None and info is not None:
         raise ValueError(f"dataset '{name}': give either info (fixed shape) or site_only (shape from the config)")
     _REGISTRY[name] = _Entry(loader=loader, site_shift_strength=float(site_shift_strength), info=info,
-                             declared=site_only)
+                             declared=site_only, tasks=tuple(tasks))
     clear_dataset_cache()
 
 
@@ -283,6 +312,14 @@ def _entry(name: str) -> _Entry:
         raise ValueError(
             f"unknown dataset {name!r} (data.dataset); available: {', '.join(available_datasets())}"
         ) from None
+
+
+def check_dataset_task(config: DataConfig) -> None:
+    """Raise ValueError unless ``config.dataset`` serves ``config.task`` (naming the tasks it serves)."""
+    tasks = _entry(config.dataset).tasks
+    if config.task not in tasks:
+        raise ValueError(f"dataset {config.dataset!r} serves data.task {', '.join(tasks)}; "
+                         f"got data.task={config.task!r}")
 
 
 def is_site_only(name: str) -> bool:
@@ -319,6 +356,7 @@ def dataset_info(config: DataConfig, *, seed: int = 0) -> DatasetInfo:
         ValueError: A site-only dataset's run config lacks them (the message names the keys).
     """
     entry = _entry(config.dataset)
+    check_dataset_task(config)
     if entry.info is not None:
         return entry.info
     if entry.declared is not None:
@@ -388,7 +426,7 @@ def load_dataset(config: DataConfig, *, seed: int) -> DatasetSplits:
         ValueError: Unknown dataset name or bad data.
         FileNotFoundError: A dataset file is missing and ``data.download`` is false.
     """
-    _entry(config.dataset)  # fail fast with the list of names
+    check_dataset_task(config)  # fail fast with the list of names, or the tasks the dataset serves
     # Sites and server derive their data from the same section; the key is that
     # section (with the folder resolved), so every dataset setting is honoured.
     resolved = config.model_copy(update={"data_dir": str(resolve_data_dir(config.data_dir))})
@@ -411,24 +449,28 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
     train_images, train_labels = raw.train_images, raw.train_labels
     test_images, test_labels = raw.test_images, raw.test_labels
     train_sites, test_sites = raw.train_sites, raw.test_sites
+    train_masks, test_masks = raw.train_masks, raw.test_masks
     test_groups = dict(raw.test_groups) if raw.test_groups else None
     if 0 < config.max_train_samples < len(train_labels):
         idx = stratified_subset(train_labels, n=config.max_train_samples, seed=_derive_seed(seed, 11))
         train_images, train_labels = train_images[idx], train_labels[idx]
         train_sites = train_sites[idx] if train_sites is not None else None
+        train_masks = train_masks[idx] if train_masks is not None else None
     if 0 < config.max_test_samples < len(test_labels):
         idx = stratified_subset(test_labels, n=config.max_test_samples, seed=_derive_seed(seed, 12))
         test_images, test_labels = test_images[idx], test_labels[idx]
         test_sites = test_sites[idx] if test_sites is not None else None
+        test_masks = test_masks[idx] if test_masks is not None else None
         test_groups = {k: np.asarray(v)[idx] for k, v in test_groups.items()} if test_groups else None
     val_images = raw.val_images
-    if raw.spatial_dims and raw.image_size != config.image_size:
+    # Datasets with masks come at their final shape (data.image_size / data.volume_shape): no resize.
+    if raw.spatial_dims and raw.image_size != config.image_size and train_masks is None:
         train_images = resize_images(train_images, size=config.image_size)
         test_images = resize_images(test_images, size=config.image_size)
         if val_images is not None:
             val_images = resize_images(val_images, size=config.image_size)
 
-    arrays = [train_images, train_labels, test_images, test_labels, val_images, raw.val_labels]
+    arrays = [train_images, train_labels, test_images, test_labels, val_images, raw.val_labels, train_masks, test_masks]
     for i, array in enumerate(arrays):
         if array is not None:
             array = np.ascontiguousarray(array)
@@ -450,6 +492,8 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
         train_sites=train_sites,
         test_sites=test_sites,
         site_names=raw.site_names,
+        train_masks=arrays[6],
+        test_masks=arrays[7],
     )
     logger.info(
         "dataset %s: %d train / %d test samples, %d classes, shape %s",

@@ -16,6 +16,7 @@ from federation.data.paths import resolve_data_dir
 from federation.data.partition import partition_indices, partition_like
 from federation.data.registry import DatasetSplits, _derive_seed, load_dataset
 from federation.data.scenario import SKEWED_PARTITIONS, shift_site_split, skewed_partitions
+from federation.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class SiteData:
 
     Attributes:
         name: ``"site-<k>"``, 1-based.
-        train: ``TensorDataset(images float32 (N, C, H, W), labels int64 (N,))``.
+        train: ``TensorDataset(images float32 (N, C, H, W), targets)``: labels int64 ``(N,)``,
+            or for ``data.task=segmentation`` label maps uint8 ``(N, H, W)`` (volumes ``(N, D, H, W)``).
         test: The site's own test split, same layout.
         num_classes: Number of classes of the dataset.
         in_channels: Image channels.
@@ -134,7 +136,13 @@ def site_partitions(
 
 
 def _tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(images), torch.from_numpy(np.array(labels, dtype=np.int64)))
+    """Images and targets: int64 labels, or uint8 label maps (kept small; batches are cast to int64)."""
+    targets = np.array(labels) if labels.dtype == np.uint8 else np.array(labels, dtype=np.int64)
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(targets))
+
+
+def _masks(masks: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if masks is None else masks[idx]
 
 
 def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites: int | None = None) -> SiteData:
@@ -173,10 +181,11 @@ def load_site_data(config: DataConfig, *, seed: int, site_index: int, num_sites:
     train_images = shift_site_split(config, train_images, site_index=site_index, seed=seed, noise_stream=0)
     test_images = shift_site_split(config, test_images, site_index=site_index, seed=seed, noise_stream=1)
     train_labels, test_labels = splits.train_labels[train_idx], splits.test_labels[test_idx]
+    task = get_task(config.task)  # what a sample's target is: its label, or its mask
     site = SiteData(
         name=site_name(site_index),
-        train=_tensors(train_images, train_labels),
-        test=_tensors(test_images, test_labels),
+        train=_tensors(train_images, task.targets(labels=train_labels, masks=_masks(splits.train_masks, train_idx))),
+        test=_tensors(test_images, task.targets(labels=test_labels, masks=_masks(splits.test_masks, test_idx))),
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         label_counts=_counts(train_labels, splits.num_classes),
@@ -206,7 +215,8 @@ def load_central_test(config: DataConfig, *, seed: int) -> TensorDataset:
         ``TensorDataset(images float32 (M, C, H, W), labels int64 (M,))`` (a private copy).
     """
     splits = load_dataset(config, seed=seed)
-    return _tensors(np.array(splits.test_images), splits.test_labels)
+    targets = get_task(config.task).targets(labels=splits.test_labels, masks=splits.test_masks)
+    return _tensors(np.array(splits.test_images), targets)
 
 
 def describe_sites(config: DataConfig, *, seed: int, num_sites: int | None = None) -> list[dict[str, Any]]:

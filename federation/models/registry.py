@@ -18,7 +18,7 @@ from torch import nn
 
 from federation.config.loading import ConfigError
 from federation.config.schema import ModelConfig
-from federation.models import cnn, densenet, logreg, resnet
+from federation.models import cnn, densenet, logreg, resnet, unet
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class _Entry:
     builder: Builder
     min_input_size: Mapping[str, int]
     spatial_dims: tuple[int, ...] = SPATIAL_DIMS
+    tasks: tuple[str, ...] = ("classification",)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -47,6 +48,7 @@ def register_model(
     *,
     min_input_size: int | Mapping[str, int] = 8,
     spatial_dims: tuple[int, ...] = SPATIAL_DIMS,
+    tasks: tuple[str, ...] = ("classification",),
 ) -> None:
     """Register (or replace) a network under ``name``.
 
@@ -59,6 +61,8 @@ def register_model(
             Defaults to 8, the smallest ``data.image_size``.
         spatial_dims: The input kinds it accepts: 2 images, 3 volumes, 0 tabular
             feature vectors (:data:`TABULAR`).
+        tasks: The ``data.task`` values its output serves (``segmentation``: one
+            logit map per class, ``(N, num_classes, *spatial)``).
 
     Raises:
         ValueError: If ``name`` is empty or ``builder`` is not callable.
@@ -70,7 +74,8 @@ def register_model(
     sizes = {"*": int(min_input_size)} if isinstance(min_input_size, int) else dict(min_input_size)
     if name in _REGISTRY:
         logger.debug("Replacing registered model %r", name)
-    _REGISTRY[name] = _Entry(builder=builder, min_input_size=sizes, spatial_dims=tuple(spatial_dims))
+    _REGISTRY[name] = _Entry(builder=builder, min_input_size=sizes, spatial_dims=tuple(spatial_dims),
+                             tasks=tuple(tasks))
 
 
 def available_models() -> list[str]:
@@ -200,6 +205,7 @@ def build_model(
     num_classes: int,
     spatial_dims: int = 2,
     dp: bool,
+    task: str | None = None,
 ) -> nn.Module:
     """Build the network named by ``config.name``.
 
@@ -214,6 +220,8 @@ def build_model(
         spatial_dims: 2 for images, 3 for volumes, 0 for tabular data (``logreg``).
         dp: Whether the model will be trained with Opacus DP-SGD. Then
             ``config.norm="batch"`` is refused and the built network is validated.
+        task: The run's ``data.task``: a network that does not serve it is refused
+            (``None``: not checked).
 
     Returns:
         A freshly initialized ``nn.Module`` mapping ``(N, in_channels, *spatial)`` to
@@ -237,6 +245,10 @@ def build_model(
             f"model.name: {config.name!r} takes {takes}, but the data is {kinds.get(spatial_dims, spatial_dims)} "
             f"(spatial_dims={spatial_dims}); models that fit: {', '.join(compatible) or 'none'}"
         )
+    if task is not None and task not in entry.tasks:
+        fits = [n for n in available_models() if task in _REGISTRY[n].tasks]
+        problems.append(f"model.name: {config.name!r} does not serve data.task={task!r}; "
+                        f"models that do: {', '.join(fits) or 'none'}")
     if in_channels < 1:
         problems.append(f"in_channels: must be >= 1, got {in_channels}")
     if num_classes < 2:
@@ -265,3 +277,4 @@ register_model("densenet121", densenet.build_densenet121, min_input_size=densene
 register_model("resnet18", resnet.build_resnet18, min_input_size=resnet.MIN_INPUT_SIZE)
 register_model("resnet10", resnet.build_resnet10, min_input_size=resnet.MIN_INPUT_SIZE)
 register_model("logreg", logreg.build_logreg, spatial_dims=TABULAR)
+register_model("unet", unet.build_unet, min_input_size=unet.MIN_INPUT_SIZE, tasks=("segmentation",))

@@ -1,0 +1,157 @@
+"""Segmentation as a task: registry, data, UNet under DP, site metrics and the guard, one federated round."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.clinical_guard import case_count_problems
+from client.guard import EVALUATE_METRICS, OutboundViolation, check_reply, evaluate_metrics
+from federation.config import ConfigError, load_config
+from federation.data import load_central_test, load_dataset, load_site_data
+from federation.metrics.segmentation import case_metrics, segmentation_metric_names, site_segmentation_metrics
+from federation.models import build_model
+from federation.tasks import available_tasks, get_task, headline_metric
+
+F64 = torch.float64
+
+
+def _seg_config(*overrides: str):
+    return load_config(None, ["data.dataset=synthetic_seg", "data.task=segmentation", "data.num_samples=60",
+                              "data.image_size=16", "model.name=unet", "model.width=4", *overrides])
+
+
+def test_task_registry_lists_valid_names_on_a_bad_one() -> None:
+    assert available_tasks() == ["classification", "segmentation"]
+    assert (headline_metric("classification"), headline_metric("segmentation")) == ("auc", "dice")
+    with pytest.raises(ValueError, match="unknown task 'detect'.*available: classification, segmentation"):
+        get_task("detect")
+    with pytest.raises(ConfigError, match="data.task.*available: classification, segmentation"):
+        load_config(None, ["data.task=detect"])
+
+
+def test_dataset_and_model_refuse_a_task_they_do_not_serve() -> None:
+    with pytest.raises(ValueError, match="serves data.task segmentation; got data.task='classification'"):
+        load_dataset(_seg_config("data.task=classification").data, seed=0)
+    config = _seg_config()
+    with pytest.raises(ConfigError, match="'cnn' does not serve data.task='segmentation'; models that do: unet"):
+        build_model(config.model.model_copy(update={"name": "cnn"}), in_channels=1, num_classes=2, dp=False,
+                    task="segmentation")
+
+
+def test_synthetic_seg_sites_hold_masks_of_the_synthetic_images() -> None:
+    config = _seg_config()
+    splits = load_dataset(config.data, seed=0)
+    plain = load_dataset(config.data.model_copy(update={"dataset": "synthetic", "task": "classification"}), seed=0)
+    np.testing.assert_array_equal(splits.train_images, plain.train_images)  # one generator, both tasks
+    assert splits.train_masks.shape == (48, 1, 16, 16) and splits.train_masks.dtype == np.uint8
+    assert set(np.unique(splits.train_masks)) == {0, 1}
+    lesion = splits.train_masks.reshape(48, -1).any(axis=1)
+    np.testing.assert_array_equal(lesion, splits.train_labels == 1)  # the stratum: a lesion is present
+    site = load_site_data(config.data, seed=0, site_index=1)
+    image, target = site.train[0]
+    assert image.shape == (1, 16, 16) and target.shape == (16, 16) and target.dtype == torch.uint8
+    assert load_central_test(config.data, seed=0).tensors[1].shape == (12, 16, 16)
+
+
+def test_per_sample_loss_averages_to_monai_dice_ce_and_classification_is_unchanged() -> None:
+    torch.manual_seed(0)
+    seg = get_task("segmentation")
+    logits, masks = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 8, 8))
+    torch.testing.assert_close(seg.per_sample_loss(logits, masks).mean(), seg.loss(logits, masks))
+    cls = get_task("classification")
+    scores, labels = torch.randn(5, 2), torch.tensor([0, 1, 1, 0, 1])
+    assert torch.equal(cls.loss(scores, labels), F.cross_entropy(scores, labels))
+    assert torch.equal(cls.per_sample_loss(scores, labels), F.cross_entropy(scores, labels, reduction="none"))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_unet_ghost_clipping_equals_opacus_per_sample_gradients(spatial_dims: int) -> None:
+    """The UNet uses only layers medfed's fast clipping covers (no transposed convolution); norms and clipped sum equal Opacus' hooks."""
+    from opacus.grad_sample import GradSampleModule
+
+    from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode, uncovered_layers
+
+    task = get_task("segmentation")
+    torch.manual_seed(0)
+    model = build_model(_seg_config().model, in_channels=1, num_classes=3, spatial_dims=spatial_dims, dp=True,
+                        task="segmentation").to(F64)
+    assert uncovered_layers(model) == [] and select_grad_sample_mode(model, device="cpu") == "ghost"
+    shape = (4, 1, *((8,) * spatial_dims))
+    x, y = torch.randn(shape, dtype=F64), torch.randint(0, 3, (4, *shape[2:]))
+    gsm = GradSampleModule(model)
+    task.loss(gsm(x), y).backward()
+    samples = [p.grad_sample.detach().clone() for p in model.parameters()]
+    gsm.to_standard_module()
+    model.zero_grad(set_to_none=True)
+    norms = torch.stack([s.flatten(1).norm(dim=1) for s in samples]).norm(dim=0)
+    bound = float(norms.median())
+    coef = (bound / (norms + 1e-6)).clamp(max=1.0)
+    ghost = GhostClippingModule(model, max_grad_norm=bound)
+    ghost.clipped_backward(task.per_sample_loss(ghost(x), y))
+    torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=1e-9, atol=1e-12)
+    for param, sample in zip(model.parameters(), samples):
+        torch.testing.assert_close(param.grad, torch.tensordot(coef, sample, dims=1), rtol=1e-9, atol=1e-12)
+    ghost.to_standard_module()
+
+
+def test_site_metrics_are_exact_on_a_hand_made_case_and_suppress_small_counts() -> None:
+    truth = np.zeros((6, 10, 10), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[:, 2:6, 2:6] = 1  # 16 px of class 1 in every case
+    pred[:, 2:6, 2:4] = 1   # 8 of them found: Dice 2*8/(16+8) = 2/3, volume -50 %
+    truth[0, 8, 8] = pred[0, 8, 8] = 2  # class 2 in one case only
+    cases = case_metrics(pred=pred, truth=truth, num_classes=3)
+    np.testing.assert_allclose(cases.dice[:, 0], 2 / 3)
+    np.testing.assert_allclose(cases.voldiff[:, 0], -0.5)
+    np.testing.assert_allclose(cases.hd95[:, 0], 2.0)  # the missed columns lie 2 px from the prediction
+    metrics = site_segmentation_metrics(cases)
+    assert metrics["dice-1"] == pytest.approx(2 / 3) and metrics["dice-1-n"] == 6
+    assert metrics["dice-1-lo"] == pytest.approx(2 / 3) and metrics["dice-1-hi"] == pytest.approx(2 / 3)
+    assert (metrics["voldiff-1"], metrics["voldiff-1-abs"], metrics["hd95-1"]) == pytest.approx((-0.5, 0.5, 2.0))
+    assert metrics["dice-2-n"] == 1 and "dice-2" not in metrics and "hd95-2" not in metrics  # 1 case: counts only
+    assert metrics["dice-n"] == 6  # mean over the classes each case holds: case 0 (2/3 + 1) / 2
+    assert metrics["dice"] == pytest.approx((5 * 2 / 3 + (2 / 3 + 1) / 2) / 6)
+    assert set(metrics) <= segmentation_metric_names() == evaluate_metrics("segmentation")
+    assert case_count_problems(metrics) == []
+
+
+def test_guard_refuses_segmentation_statistics_of_fewer_than_five_cases() -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    assert evaluate_metrics("classification") == EVALUATE_METRICS
+    allowed = evaluate_metrics("segmentation")
+    check_reply(RecordDict({"metrics": MetricRecord({"dice-1": 0.8, "dice-1-n": 5.0})}), allowed_metrics=allowed)
+    for bad in ({"dice-1": 0.8, "dice-1-n": 4.0}, {"hd95-2": 3.0, "hd95-2-n": 2.0, "dice-2-n": 9.0},
+                {"dice": 0.7, "dice-n": 3.0}, {"voldiff-1": 0.1}):
+        with pytest.raises(OutboundViolation, match="cases"):
+            check_reply(RecordDict({"metrics": MetricRecord(bad)}), allowed_metrics=allowed)
+    with pytest.raises(OutboundViolation, match="non-whitelisted"):
+        check_reply(RecordDict({"metrics": MetricRecord({"dice-1-case-3": 0.8})}), allowed_metrics=allowed)
+
+
+@pytest.mark.integration
+def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
+    from simulations.harness import PRESETS_DIR, resolve_config, simulate
+
+    config = resolve_config(config_path=str(PRESETS_DIR / "synthetic_seg.yaml"), overrides=[
+        "data.num_sites=2", "data.num_samples=80", "data.image_size=16", "model.width=4", "server.rounds=1",
+        f"server.out_dir={tmp_path}", "server.run_name=seg"])
+    run_dir = simulate(config)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "segmentation" and summary["rounds_completed"] == 1
+    final = summary["final_global"]
+    assert 0.0 <= final["dice"] <= 1.0 and final["dice"] == final["dice-1"] and math.isfinite(final["loss"])
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1]  # the initial model is evaluated too
+    assert summary["best_global_dice"] == max(r["global"]["dice"] for r in rounds)
+    evaluated = [row for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
+                 if row["phase"] == "evaluate"]
+    assert {row["site"] for row in evaluated} == {"site-1", "site-2"}
+    assert all(set(row["metrics"]) <= segmentation_metric_names() for row in evaluated)
