@@ -7,9 +7,9 @@ each round's line is appended to ``rounds.jsonl`` the ServerApp calls
 
 * ``global/<metric>`` (central evaluation), ``train/<metric>`` and ``evaluate/<metric>``
   (site metrics aggregated by the strategy);
-* ``site/<site>/<phase>/<metric>`` (each site's own numbers; ROC curve points and
-  reliability bins are left to the clinical report);
-* ``epsilon/<site>`` (ε spent so far), ``sites/trained|refused|failed`` and ``aggregated``;
+* ``site/<site>/<phase>/<metric>`` (each site's own numbers);
+* ``epsilon/<site>`` (ε spent so far), ``sites/trained|refused|failed`` and ``aggregated``
+  (ROC curve points and reliability bins are left to the clinical report);
 
 and the run's config once, as parameters (MLflow) or text (TensorBoard). Stores live
 in the run directory: ``tracking/mlflow/mlflow.db`` (MLflow's SQLite store, artifacts in
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 TRACKERS = ("none", "mlflow", "tensorboard")
 TRACKING_DIR = "tracking"
-#: Site metrics not logged per round (curve points and calibration bins: the clinical report draws them).
+#: Metrics not logged per round (ROC curve points and calibration bins: the clinical report draws them).
 _SKIPPED_SITE_METRICS = ("roc-tpr-", "rel-bin-")
 _EXTRAS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
 
@@ -85,8 +85,8 @@ def round_metrics(record: dict[str, Any], epsilon: dict[str, float]) -> dict[str
                **_numbers("evaluate/", record.get("evaluate"))}
     for site, phases in sorted((record.get("sites") or {}).items()):
         for phase, values in sorted((phases or {}).items()):
-            metrics.update({k: v for k, v in _numbers(f"site/{site}/{phase}/", values).items()
-                            if not any(part in k for part in _SKIPPED_SITE_METRICS)})
+            metrics.update(_numbers(f"site/{site}/{phase}/", values))
+    metrics = {k: v for k, v in metrics.items() if not any(part in k for part in _SKIPPED_SITE_METRICS)}
     metrics.update({f"epsilon/{site}": eps for site, eps in sorted(epsilon.items())})
     if int(record.get("round", 0)) > 0:
         metrics.update({"sites/trained": float(sum(1 for p in (record.get("sites") or {}).values() if "train" in p)),

@@ -14,7 +14,7 @@ from server.tracking import RunTracker, TrackingError, open_tracker, round_metri
 
 RECORD = {
     "round": 2, "global": {"auc": 0.8, "loss": 0.5, "accuracy": None},
-    "train": {"train-loss": 0.4}, "evaluate": {"loss": 0.6},
+    "train": {"train-loss": 0.4}, "evaluate": {"loss": 0.6, "roc-tpr-00": 0.2},
     "sites": {"north": {"train": {"train-loss": 0.41, "epsilon": 3.0},
                         "evaluate": {"auc": 0.7, "roc-tpr-00": 0.1, "rel-bin-03-n": 4.0}}},
     "refused": {"south": "noise-too-low: 0.1"}, "failed": {}, "aggregated": True, "time": 12.0,
