@@ -71,8 +71,11 @@ def _incidents(incidents: Sequence[dict]) -> str:
 def site_section(site: SiteFolder, budget: Budget | None) -> str:
     """One site: budget, lifetime ε chart, runs, refusals and errors."""
     audits, incidents = site.audit_summary()
+    curve = site.lifetime_curve()
+    top = max([budget.epsilon if budget else 0.0, *(y for _, y in curve)])
     chart = line_chart(chart_id=f"lifetime-{site.name}", title=f"{site.name}: lifetime ε after each request",
-                       series=[Series("lifetime ε", site.lifetime_curve())], x_label="request (audit log line)",
+                       series=[Series("lifetime ε", curve)], x_label="request (audit log line)",
+                       y_range=(0.0, top * 1.05) if top > 0 else None,
                        target=("policy budget", budget.epsilon) if budget else None)
     return (f'<section class="site" id="site-{h(site.name)}"><h2>Site {h(site.name)}</h2>'
             f"{_budget_line(site, budget)}<div class=\"charts\">{chart}</div><h3>Runs</h3>{_runs_table(site, audits)}"
