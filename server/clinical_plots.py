@@ -56,21 +56,19 @@ def plot_roc(sites: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     grid = np.linspace(0.0, 1.0, 21)
-    missing = []
     for site, view in sites.items():
         tpr = np.asarray(view["roc_tpr"], dtype=float)
-        if np.isnan(tpr).all():
-            missing.append(f"{site}: n/a ({view['rates']['roc-auc'].get('na', 'no ROC points sent')})")
-            continue
         auc = view["rates"]["roc-auc"]
-        ax.step(grid, tpr, where="post", label=f"{site} AUC {_fmt(auc['value'])} [{_fmt(auc['lo'])}, {_fmt(auc['hi'])}]")
+        if np.isnan(tpr).all():  # listed in the legend with the reason, without a curve
+            ax.plot([], [], " ", label=f"{site}: no curve, AUC n/a ({auc.get('na', 'no ROC points sent')})")
+            continue
+        interval = "" if _missing(auc.get("lo")) or _missing(auc.get("hi")) or _missing(auc.get("value")) else \
+            f" [{_fmt(auc['lo'])}, {_fmt(auc['hi'])}]"
+        ax.step(grid, tpr, where="post", label=f"{site} AUC {_fmt(auc.get('value'))}{interval}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC per site (site test splits)",
            xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
-    if missing:
-        ax.text(0.02, 0.98, "no curve — " + "; ".join(missing), transform=ax.transAxes, fontsize=6, va="top",
-                wrap=True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="lower right")
     return _save(fig, path)
