@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.admission import evaluate_refusal
-from client.guard import EVALUATE_METRICS, check_reply, refusal, train_metrics_allowed
+from client.guard import check_reply, evaluate_metrics, refusal, train_metrics_allowed
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
 from client.site import evaluate_round, train_round
 from client.transfer import update_record
@@ -78,7 +78,7 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
         content["status"] = ConfigRecord({"refused": reason})
         return check_reply(content, allowed_metrics=())
     content["metrics"] = MetricRecord(metrics)
-    return check_reply(content, allowed_metrics=EVALUATE_METRICS)
+    return check_reply(content, allowed_metrics=evaluate_metrics(config.data.task))
 
 
 @app.train()

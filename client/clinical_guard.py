@@ -56,3 +56,26 @@ def group_size_problems(metrics: Mapping[str, object], *, floor: int = GROUP_SIZ
             if not isinstance(size, (int, float)) or math.isnan(size) or size < floor:
                 problems.append(f"{name} describes a group of {size} (< {floor}) samples")
     return problems
+
+
+_SEGMENTATION_STAT = re.compile(r"^(?P<metric>dice|hd95|voldiff)(?:-(?P<cls>\d{1,2}))?(?P<rest>-(?:lo|hi|median|abs))?$")
+
+
+def case_count_problems(metrics: Mapping[str, object], *, floor: int = GROUP_SIZE_FLOOR) -> list[str]:
+    """Why segmentation ``metrics`` would describe fewer than ``floor`` cases (empty list: they would not).
+
+    ``dice``/``dice-lo``/``dice-hi`` need ``dice-n >= floor``; a class's ``dice-c*`` and
+    ``voldiff-c*`` need ``dice-c-n >= floor``, its ``hd95-c*`` need ``hd95-c-n >= floor``,
+    all in the same record (see :mod:`federation.metrics.segmentation`).
+    """
+    problems = []
+    for name in metrics:
+        match = _SEGMENTATION_STAT.match(name)
+        if match is None:
+            continue
+        metric, cls = match["metric"], match["cls"]
+        size_key = f"{'hd95' if metric == 'hd95' else 'dice'}{'-' + cls if cls else ''}-n"
+        size = metrics.get(size_key)
+        if not isinstance(size, (int, float)) or math.isnan(size) or size < floor:
+            problems.append(f"{name} describes {size} (< {floor}) cases")
+    return problems

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.clinical_guard import CLINICAL_METRICS, group_size_problems
+from client.clinical_guard import CLINICAL_METRICS, case_count_problems, group_size_problems
 from federation.compression import transfer_layout
 from federation.training.results import TRAIN_METRICS as _TRAIN_METRIC_NAMES
 from federation.training.results import UNPRIVATIZED_TRAIN_METRICS
@@ -32,6 +32,28 @@ TRAIN_METRICS = frozenset(_TRAIN_METRIC_NAMES)
 DP_SITE_TRAIN_METRICS = TRAIN_METRICS - UNPRIVATIZED_TRAIN_METRICS
 #: Metric names a site may send after evaluation.
 EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"}) | CLINICAL_METRICS
+#: Per task, the evaluation metric names spelled out here rather than asked of the task.
+_SPELLED_OUT_EVALUATE_METRICS = {"classification": EVALUATE_METRICS}
+
+
+def evaluate_metrics(task: str) -> frozenset[str]:
+    """Metric names a site may send after evaluating a model of ``data.task`` = ``task``.
+
+    Classification: :data:`EVALUATE_METRICS`. Other tasks declare their own finite
+    list (segmentation: Dice/HD95/volume-error aggregates and case counts); the
+    guard also refuses any of them computed over fewer than 5 cases
+    (:func:`client.clinical_guard.case_count_problems`).
+
+    Raises:
+        ValueError: Unknown task (the message lists the valid names).
+    """
+    if task in _SPELLED_OUT_EVALUATE_METRICS:
+        return _SPELLED_OUT_EVALUATE_METRICS[task]
+    from federation.tasks import get_task  # noqa: PLC0415
+
+    return get_task(task).metric_names()
+
+
 #: Config entries a site may send: its (public) name, and a refusal reason.
 CONFIG_ENTRIES = {"site": frozenset({"name"}), "status": frozenset({"refused"})}
 
@@ -140,7 +162,7 @@ def check_reply(
             for name, value in record.items():
                 if not isinstance(value, (int, float)):
                     raise OutboundViolation(f"metric {name!r} is not a single number")
-            small = group_size_problems(dict(record.items()))
+            small = group_size_problems(dict(record.items())) + case_count_problems(dict(record.items()))
             if small:
                 raise OutboundViolation(f"metric record would single out small groups: {small[:3]}")
         elif isinstance(record, ArrayRecord):

@@ -27,6 +27,7 @@ from federation.config import ExperimentConfig
 from federation.data import DataMismatch, SiteData
 from federation.metrics.clinical import ClinicalSettings, clinical_metrics
 from federation.models import build_model
+from federation.tasks import get_task
 from federation.training import evaluate, select_device
 
 if TYPE_CHECKING:  # Opacus (~1 s to import) loads only in a process that trains: see train_round
@@ -299,6 +300,7 @@ def _train_admitted(
             # A real site's DP noise and sampling come from a secret only it holds (issue 26): the
             # coordinator knows every input of the seed above and could regenerate and subtract them.
             noise_source="seeded" if settings.simulated else "secure",
+            task=config.data.task,  # its loss: cross-entropy, or DiceCELoss for segmentation
         )
     except PrivacyBudgetExhausted as stop:  # admit_train_round checks this first; kept as a backstop
         logger.warning("site %s refuses round %d: %s", settings.name, server_round, stop.reason)
@@ -324,6 +326,11 @@ def evaluate_round(
     data = load_data(config, settings)
     model = _build(config, data, dp=False)
     model.load_state_dict(dict(global_weights))
+    task_metrics = get_task(config.data.task).site_metrics(
+        model=model, data=data, config=config, device=select_device(config.train.device))
+    if task_metrics is not None:  # the task's own aggregates (segmentation: Dice, HD95 over >= 5 cases each)
+        release_model(model)
+        return task_metrics
     result = evaluate(
         model=model,
         dataset=data.test,

@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import Strategy
 from federation.config import ConfigError, ExperimentConfig, dataset_problems, from_flat
 from federation.data import dataset_info
 from federation.models import build_model
-from federation.training import evaluate, select_device
+from federation.tasks import get_task
+from federation.training import select_device
 from server.central_eval import CentralEvaluation, PrefetchCentralEvaluation, central_test_set
 from server.model_card import finish_run
 from server.polling import with_poll_interval
@@ -71,6 +72,7 @@ def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
         num_classes=info.num_classes,
         spatial_dims=info.spatial_dims,
         dp=config.privacy.enabled,
+        task=config.data.task,
     )
 
 
@@ -80,10 +82,11 @@ def _central_evaluation(config: ExperimentConfig, model: torch.nn.Module) -> Cen
     if test_set is None:
         return None
     device = select_device(config.train.device)
+    task = get_task(config.data.task)  # loss and AUC, or loss and Dice
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model=model, dataset=test_set, device=device).metrics()
+        return task.evaluate(model=model, dataset=test_set, device=device)
 
     return CentralEvaluation(evaluate_global)
 

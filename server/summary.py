@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from federation.config import ExperimentConfig
+from federation.tasks import headline_metric
 from server.run_dir import PRIVACY_FILE, SITES_FILE, RunDirectory, read_jsonl
 
 
@@ -18,9 +19,10 @@ def build_summary(*, run: RunDirectory, config: ExperimentConfig) -> dict[str, A
     rounds = run.rounds()
     completed = [r for r in rounds if r.get("round", 0) > 0]
     final = rounds[-1]["global"] if rounds else {}
+    headline = headline_metric(config.data.task)  # auc, or dice for segmentation
     best = max(
-        (r for r in rounds if (r.get("global") or {}).get("auc") is not None),
-        key=lambda r: r["global"]["auc"],
+        (r for r in rounds if (r.get("global") or {}).get(headline) is not None),
+        key=lambda r: r["global"][headline],
         default=None,
     )
     site_eval: dict[str, dict[str, float]] = {}
@@ -33,6 +35,7 @@ def build_summary(*, run: RunDirectory, config: ExperimentConfig) -> dict[str, A
     return {
         "run": run.name,
         "dataset": config.data.dataset,
+        "task": config.data.task,
         "model": config.model.name,
         "strategy": config.strategy.name,
         "privacy": {
@@ -47,7 +50,7 @@ def build_summary(*, run: RunDirectory, config: ExperimentConfig) -> dict[str, A
         "rounds_aggregated": sum(1 for r in completed if r.get("aggregated")),
         "final_global": final,
         "best_round": best["round"] if best else None,
-        "best_global_auc": best["global"]["auc"] if best else None,
+        f"best_global_{headline}": best["global"][headline] if best else None,
         "final_site_evaluate": site_eval,
         "refusals": {r["round"]: r["refused"] for r in completed if r.get("refused")},
         "failures": {r["round"]: r["failed"] for r in completed if r.get("failed")},
