@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = frozenset(
         "server.out_dir",
         "server.run_name",
         "data.data_dir",
+        "privacy.target_epsilon",  # raised explicitly to extend a DP run (the sites calibrate the added rounds)
     }
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from federation.config import ConfigError, ExperimentConfig, dataset_problems, load_config
 from federation.data import resolve_data_dir
-from server.run_dir import CONFIG_FILE, ROUNDS_FILE, default_run_name
+from server.run_dir import CONFIG_FILE, PRIVACY_FILE, ROUNDS_FILE, default_run_name, read_jsonl
 from simulations.engine import run_engine, start_ray, stop_ray
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,47 @@ def _read_config(
         if not (run_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE}; is it a medfed run directory?")
         config = load_config(run_dir / CONFIG_FILE, overrides)
+        problems = extension_budget_problems(run_dir, config)
+        if problems:
+            raise ConfigError(problems, source=f"--resume {run_dir}")
         server = config.server.model_copy(
             update={"resume": str(run_dir), "out_dir": str(run_dir.parent), "run_name": run_dir.name}
         )
         return config.model_copy(update={"server": server}), None
     source = preset_path(config_path or DEFAULT_PRESET)
     return load_config(source, overrides), f"{source}{' with --set overrides' if overrides else ''}"
+
+
+def extension_budget_problems(run_dir: Path, config: ExperimentConfig) -> list[str]:
+    """Problems of extending a DP run beyond the rounds its noise was calibrated for, without a raised budget.
+
+    In target-epsilon mode every site calibrated its noise so that the run's planned
+    rounds spend ``privacy.target_epsilon``: more rounds at the same budget would be
+    refused by every site. Raising the budget explicitly lets each site calibrate the
+    added rounds' noise from its own accountant history (see
+    :meth:`federation.privacy.SitePrivacy.load_state_dict`).
+
+    Args:
+        run_dir: The run directory being resumed.
+        config: Its config with the resume overrides applied.
+    """
+    stored = load_config(run_dir / CONFIG_FILE)
+    privacy = config.privacy
+    if not privacy.enabled or privacy.noise_multiplier > 0 or config.server.rounds <= stored.server.rounds:
+        return []
+    if privacy.target_epsilon > stored.privacy.target_epsilon:
+        return []
+    spent = max((float(row["epsilon"]) for row in read_jsonl(run_dir / PRIVACY_FILE)
+                 if row.get("epsilon") is not None), default=0.0)
+    suggested = math.ceil(stored.privacy.target_epsilon * config.server.rounds / stored.server.rounds)
+    return [
+        f"privacy.target_epsilon: the budget is spent: the run's noise was calibrated to spend "
+        f"privacy.target_epsilon={stored.privacy.target_epsilon:g} over its {stored.server.rounds} planned rounds "
+        f"(its sites have spent up to epsilon {spent:.2f}, {PRIVACY_FILE}), so every site would refuse rounds "
+        f"beyond them. Raise it explicitly to extend the run to server.rounds={config.server.rounds}, e.g. "
+        f"--set privacy.target_epsilon={suggested}: each site then calibrates the added rounds' noise from its "
+        f"own accountant so that its whole-run epsilon stays within it (its policy and lifetime ledger still decide)"
+    ]
 
 
 def _complete_config(config: ExperimentConfig, source: str) -> ExperimentConfig:

@@ -31,7 +31,7 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from federation.config.schema import PrivacyConfig
-from federation.privacy.calibration import calibrate_noise_rdp
+from federation.privacy.calibration import calibrate_noise_after, calibrate_noise_rdp
 from federation.privacy.rdp_cache import rdp_epsilon
 
 if TYPE_CHECKING:
@@ -271,6 +271,7 @@ class SitePrivacy:
             num_examples=num_examples, batch_size=batch_size, local_epochs=local_epochs
         )
         self._noise: float | None = float(config.noise_multiplier) if config.noise_multiplier > 0 else None
+        self._stored_noise: float | None = None  # the noise of a restored state (load_state_dict)
         self._accountant = _new_accountant(config.accountant)
         if config.accountant == "gdp":
             logger.warning("gdp accounting is experimental in Opacus and can underestimate epsilon")
@@ -345,8 +346,29 @@ class SitePrivacy:
 
     # ----------------------------------------------------------------- accounting
     def _calibrate_noise(self) -> float:
-        """Smallest sigma (Opacus binary search) with eps(planned steps) <= target."""
+        """Smallest sigma (Opacus binary search) with eps(planned steps) <= target.
+
+        A run whose budget was changed on resume (:meth:`load_state_dict`) calibrates
+        only its remaining planned steps, composed with the accountant's history, so
+        that the whole run stays within the new target.
+        """
         steps = self._planned_rounds * self._steps_per_round
+        if self.history:
+            remaining = steps - self.total_steps
+            try:
+                sigma = calibrate_noise_after(
+                    history=self.history, target_epsilon=self.target_epsilon, delta=self.delta,
+                    sample_rate=self._sample_rate, steps=remaining, accountant=self._config.accountant,
+                )
+            except ValueError as impossible:  # budget spent: keep the run's noise, check_round refuses
+                logger.warning("no noise fits the changed budget (%s); keeping %g", impossible, self._stored_noise)
+                return float(self._stored_noise)
+            logger.info(
+                "noise multiplier %.6g for the remaining %d steps: the run's epsilon %.4f so far stays within "
+                "%g (delta=%g) over %d rounds", sigma, remaining, self.epsilon_spent(), self.target_epsilon,
+                self.delta, self._planned_rounds,
+            )
+            return sigma
         sigma = _calibrated_noise(
             self.target_epsilon, self.delta, self._sample_rate, steps, self._config.accountant
         )
@@ -485,6 +507,7 @@ class SitePrivacy:
             "sample_rate": float(self._sample_rate),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
+            "planned_rounds": int(self._planned_rounds),
             "steps_per_round": int(self._steps_per_round),
             "total_steps": int(self.total_steps),
             "epsilon": float(self.epsilon_spent()),
@@ -497,7 +520,11 @@ class SitePrivacy:
         """Restore the state written by :meth:`state_dict` (e.g. in the previous round).
 
         The stored noise multiplier is adopted (in target-epsilon mode it is not
-        recomputed, so it stays fixed for the run).
+        recomputed, so it stays fixed for the run), unless the run's budget was changed
+        on resume (``target_epsilon`` differs from the stored one, in target-epsilon
+        mode, with planned steps left): then the noise of the remaining planned steps
+        is calibrated from this history so that the whole run stays within the new
+        target (an extended run: ``--set privacy.target_epsilon=12 --set server.rounds=12``).
 
         Args:
             state: A mapping with the keys of :meth:`state_dict`.
@@ -516,12 +543,17 @@ class SitePrivacy:
                 history, (float(entry[0]), float(entry[1]), int(entry[2])), mechanism=self._config.accountant
             )
         self._accountant.history = history
-        self._noise = float(state["noise_multiplier"])
-        if not math.isclose(float(state["target_epsilon"]), self.target_epsilon, rel_tol=1e-12):
+        self._noise = self._stored_noise = float(state["noise_multiplier"])
+        stored_target = float(state["target_epsilon"])
+        if not math.isclose(stored_target, self.target_epsilon, rel_tol=1e-12):
+            replan = self._config.noise_multiplier == 0 and self.total_steps < self._planned_rounds * self._steps_per_round
             logger.warning(
-                "privacy target_epsilon changed from %g (stored) to %g (config); the budget check uses %g",
-                float(state["target_epsilon"]), self.target_epsilon, self.target_epsilon,
+                "privacy target_epsilon changed from %g (stored) to %g (config)%s", stored_target, self.target_epsilon,
+                ": the remaining planned steps get their noise calibrated from the accountant's history" if replan
+                else "; the budget check uses the new target",
             )
+            if replan:
+                self._noise = None  # calibrated on first use (_calibrate_noise), composed with the history
         logger.debug("privacy state loaded: %d steps, epsilon %.4f", self.total_steps, self.epsilon_spent())
 
     def _check_state_matches(self, state: Mapping[str, Any]) -> None:

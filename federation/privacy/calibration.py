@@ -22,14 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 from scipy import special
 
-from federation.privacy.rdp_cache import DEFAULT_ORDERS, rdp_epsilon
+from federation.privacy.rdp_cache import DEFAULT_ORDERS, rdp_epsilon, rdp_per_step
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +218,117 @@ def calibrate_noise_rdp(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
             accountant="rdp", epsilon_tolerance=epsilon_tolerance,
         ))
+
+
+def calibrate_noise_after(
+    *,
+    history: Sequence[tuple[float, float, int]],
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The noise for ``steps`` more steps so that the whole history stays within ``target_epsilon``.
+
+    Extends a run whose accountant already holds ``history`` (``(sigma, q, steps)``
+    entries): the smallest sigma, to ``epsilon_tolerance`` below the target, such that
+    the epsilon of ``history`` followed by ``steps`` steps at ``(sigma, sample_rate)``
+    is at most ``target_epsilon``: Opacus' bisection (start at 20, double until within
+    budget, halve the bracket), each probe composed with the history. RDP probes use
+    the vectorized curve; the result is checked against the exact (Opacus) epsilon
+    and raised until it passes.
+
+    Args:
+        history: The accountant's entries so far (may be empty: then this is the
+            plain calibration of :func:`calibrate_noise_rdp` for RDP).
+        target_epsilon: The run's whole budget.
+        delta: Target delta.
+        sample_rate: Poisson sample rate of the new steps.
+        steps: Noisy steps still planned (> 0).
+        accountant: ``rdp`` or ``prv`` (``gdp`` cannot compose different noise levels).
+        epsilon_tolerance: How far below the target the result may stay.
+
+    Returns:
+        The noise multiplier of the remaining steps.
+
+    Raises:
+        ValueError: The history alone spends the budget, no sigma up to Opacus'
+            maximum fits, or the accountant is ``gdp``.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    if accountant == "gdp" and history:
+        raise ValueError("the gdp accountant needs one constant noise multiplier: a run cannot change its noise")
+    entries = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not entries and accountant == "rdp":
+        return calibrate_noise_rdp(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
+    exact = _composed_epsilon(entries, accountant=accountant, delta=delta)
+    spent = exact(None)
+    if spent >= target_epsilon:
+        raise ValueError(f"the run has spent epsilon {spent:.4f} of its budget {target_epsilon:g}: no noise leaves "
+                         "room for more steps; raise privacy.target_epsilon")
+    probe = _rdp_probe(entries, delta=delta, sample_rate=sample_rate, steps=steps) if accountant == "rdp" else None
+
+    def eps_at(sigma: float) -> float:
+        return probe(sigma) if probe is not None else exact((sigma, sample_rate, steps))
+
+    eps_high, sigma_low, sigma_high = float("inf"), 0.0, 10.0
+    while eps_high > target_epsilon:
+        sigma_high = 2 * sigma_high
+        if sigma_high > MAX_SIGMA:
+            raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} keeps the run within epsilon {target_epsilon:g} "
+                             f"(spent {spent:.4f}) over {steps} more steps; raise privacy.target_epsilon")
+        eps_high = eps_at(sigma_high)
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = eps_at(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    while exact((sigma_high, sample_rate, steps)) > target_epsilon:  # the probe's ~1e-12 error, never trusted
+        sigma_high *= 1.0 + 1e-6
+    return sigma_high
+
+
+def _composed_epsilon(
+    history: list[tuple[float, float, int]], *, accountant: str, delta: float
+) -> Callable[[tuple[float, float, int] | None], float]:
+    """``eps(entry)``: the accountant's epsilon of ``history`` followed by ``entry`` (None: the history alone)."""
+
+    def epsilon(entry: tuple[float, float, int] | None) -> float:
+        entries = [*history, entry] if entry is not None else list(history)
+        if not entries:
+            return 0.0
+        if accountant == "rdp":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the")
+                return rdp_epsilon(entries, delta=delta)
+        from opacus.accountants import create_accountant  # noqa: PLC0415
+
+        composed = create_accountant(mechanism=accountant)
+        composed.history = entries
+        return float(composed.get_epsilon(delta=delta))
+
+    return epsilon
+
+
+def _rdp_probe(
+    history: list[tuple[float, float, int]], *, delta: float, sample_rate: float, steps: int
+) -> Callable[[float], float]:
+    """``eps(sigma)`` of ``history`` + ``steps`` steps at ``(sigma, sample_rate)``, vectorized for the probes."""
+    spent = sum(rdp_per_step(float(q), float(s)) * n for s, q, n in history)
+
+    def epsilon(sigma: float) -> float:
+        curve = rdp_curve(sample_rate, sigma)
+        if curve is None:
+            return rdp_epsilon([*history, (sigma, sample_rate, steps)], delta=delta)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            eps, _ = privacy_analysis.get_privacy_spent(orders=list(DEFAULT_ORDERS), rdp=spent + curve * steps,
+                                                        delta=delta)
+        return float(eps)
+
+    return epsilon
