@@ -1,0 +1,145 @@
+"""A real Orthanc PACS for tests: started on 127.0.0.1 with free ports, a throw-away storage dir,
+DICOMweb enabled and HTTP basic authentication on; stopped after.
+
+Used by ``tests/test_pacs.py`` through the ``orthanc`` fixture below (imported there). The
+Debian packages ``orthanc`` and ``orthanc-dicomweb`` provide the server and the plugin
+(``.ci/run`` installs them); without the binary the fixture skips, naming what to install.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+DICOMWEB_PLUGINS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so",
+)
+USER, PASSWORD = "medfed-site", "s3cret-pacs-pw"
+
+
+@dataclass(frozen=True)
+class OrthancServer:
+    """A running Orthanc: its REST and DICOMweb URLs, credentials and storage folder."""
+
+    url: str
+    dicomweb_url: str
+    dicom_port: int
+    user: str
+    password: str
+    storage: Path
+    log: Path
+
+    def rest(self, path: str, *, method: str = "GET", body: bytes | None = None) -> object:
+        """Call Orthanc's REST API (authenticated) and decode the JSON answer."""
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback test server
+            data = response.read()
+        return json.loads(data) if data else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_orthanc() -> tuple[str, str] | None:
+    """The Orthanc binary and the DICOMweb plugin, or ``None`` when either is missing."""
+    binary = shutil.which("Orthanc") or next((b for b in ORTHANC_BINARIES if Path(b).is_file()), None)
+    plugin = next((p for p in DICOMWEB_PLUGINS if Path(p).is_file()), None)
+    if plugin is None:  # the versioned library the package ships (dpkg -L orthanc-dicomweb)
+        plugin = next((str(p) for p in sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))), None)
+    return (binary, plugin) if binary and plugin else None
+
+
+def _wait_until_up(server: OrthancServer, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {proc.returncode}: {server.log.read_text()[-2000:]}")
+        try:
+            server.rest("/system")
+            server.rest("/dicom-web/studies")  # the plugin answers too
+            return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s: {server.log.read_text()[-2000:]}")
+
+
+def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
+    """Write a config under ``root`` and start Orthanc with it; return once it answers."""
+    found = find_orthanc()
+    if found is None:
+        raise FileNotFoundError("Orthanc or its DICOMweb plugin is not installed")
+    binary, plugin = found
+    http_port, dicom_port = _free_port(), _free_port()
+    storage = root / "storage"
+    storage.mkdir(parents=True)
+    config = {
+        "Name": "medfed-test-pacs",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "MEDFEDPACS",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full"},
+        "StableAge": 1,
+        "ConcurrentJobs": 1,
+        "HttpThreadsCount": 8,
+    }
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    log = root / "orthanc.log"
+    url = f"http://127.0.0.1:{http_port}"
+    server = OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", dicom_port=dicom_port, user=USER,
+                           password=PASSWORD, storage=storage, log=log)
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([binary, str(config_path)], stdout=handle, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        _wait_until_up(server, proc)
+    except Exception:
+        stop_orthanc(proc)
+        raise
+    return server, proc
+
+
+def stop_orthanc(proc: subprocess.Popen) -> None:
+    """Stop the Orthanc this helper started (terminate, then kill after 10 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """A fresh Orthanc for one test module (skips, naming the packages, when Orthanc is absent)."""
+    if find_orthanc() is None:
+        pytest.skip("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (.ci/run does)")
+    server, proc = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        stop_orthanc(proc)
