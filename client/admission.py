@@ -96,6 +96,24 @@ def _rounds_refusal(policy: SitePolicy | None, ledger: PrivacyLedger, run: str, 
     return None
 
 
+def delta_refusal(policy: SitePolicy | None, privacy: SitePrivacy) -> str | None:
+    """Refusal reason when the run's delta is above 1/n of the site's training set or the policy's max_delta.
+
+    A delta of 1/n or more allows a mechanism that releases one whole patient record
+    (at delta 0.5 the accountant even reports a negative epsilon), so the site
+    checks it itself whatever the run config says.
+    """
+    delta, n = privacy.delta, privacy.num_examples
+    if delta > 1.0 / n:
+        return refusal("delta-too-high",
+                       f"privacy.target_delta={delta:g} is above 1 over this site's {n} training examples "
+                       f"({1.0 / n:.3g})")
+    if policy is not None and policy.max_delta is not None and delta > policy.max_delta:
+        return refusal("delta-too-high",
+                       f"privacy.target_delta={delta:g} is above the site's max_delta {policy.max_delta:g}")
+    return None
+
+
 def _privacy_refusal(
     policy: SitePolicy | None, ledger: PrivacyLedger, run: str, privacy: SitePrivacy
 ) -> tuple[str | None, Admission]:
@@ -156,6 +174,8 @@ def admit_train_round(
         The decision; ``refusal`` is None when the site trains.
     """
     reason = request_refusal(policy, config) or _rounds_refusal(policy, ledger, run, server_round)
+    if reason is None and privacy is not None and (delta_reason := delta_refusal(policy, privacy)) is not None:
+        return Admission(delta_reason)  # before any epsilon is computed at that delta
     if reason is None and privacy is None:
         ledger.reserve(run, epsilon=0.0, delta=0.0, dp=False, run_id=run_id)
         return Admission(None)

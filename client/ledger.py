@@ -7,11 +7,16 @@ run will have after it; after training it *commits* the accountant's real value.
 A crash mid-round therefore over-counts (the reservation stays), never under-counts.
 
 Lifetime spending is basic composition over runs: the sum of every run's epsilon,
-and the sum of the deltas of every run that took at least one DP step.
+and the sum of the deltas of every run admitted to train with DP (whatever its
+epsilon: an accountant can report epsilon <= 0 at a large delta, and the delta is
+still spent). An accountant's epsilon below 0 is recorded as 0 ((eps, delta)-DP with
+eps < 0 implies (0, delta)-DP).
 
-Every write goes to a temporary file that replaces the ledger atomically, so a
-crash never leaves half a ledger; a ledger that cannot be read is an error, never
-silently reset (it is the record of privacy already spent).
+Every write goes to a temporary file that replaces the ledger atomically, and only
+after the new state has been checked to load back, so a bad value never reaches the
+disk; a crash never leaves half a ledger. A ledger that cannot be read is an error
+naming the file, never silently reset or overwritten (it is the record of privacy
+already spent): the site refuses to train until its operator restores it.
 """
 
 from __future__ import annotations
@@ -78,8 +83,27 @@ class RunEntry:
 
     @property
     def charged_delta(self) -> float:
-        """Delta counted against the lifetime budget (once the run has spent any epsilon)."""
-        return self.delta if self.dp and self.charged_epsilon > 0 else 0.0
+        """Delta counted against the lifetime budget: every DP run's, whatever its epsilon."""
+        return self.delta if self.dp else 0.0
+
+    def problems(self) -> list[str]:
+        """What makes this entry unfit for the ledger (empty when it is fine)."""
+        found = []
+        for name in ("epsilon", "reserved"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                found.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.delta, (int, float)) or isinstance(self.delta, bool) or not 0 <= self.delta < 1:
+            found.append(f"delta must be in [0, 1), got {self.delta!r}")
+        if not isinstance(self.dp, bool):
+            found.append(f"dp must be true or false, got {self.dp!r}")
+        for name in ("rounds", "last_round"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                found.append(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.run_ids, list) or not all(isinstance(i, int) for i in self.run_ids):
+            found.append(f"run_ids must be a list of integers, got {self.run_ids!r}")
+        return found
 
 
 class PrivacyLedger:
@@ -95,15 +119,22 @@ class PrivacyLedger:
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike[str]) -> PrivacyLedger:
-        """Load the ledger of the site whose disk is ``state_dir`` (empty when new)."""
+        """Load the ledger of the site whose disk is ``state_dir`` (empty when new).
+
+        Raises:
+            LedgerError: The file exists but does not load; its message names the file
+                and what to do. The file is left exactly as it is.
+        """
         ledger = cls(Path(state_dir) / LEDGER_FILE)
-        if ledger.path.is_file():
+        if ledger.path.exists():
             try:
                 ledger.load_state_dict(json.loads(ledger.path.read_text(encoding="utf-8")))
-            except (ValueError, TypeError, KeyError) as err:
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
                 raise LedgerError(
-                    f"privacy ledger {ledger.path} is unreadable ({err}); it records the privacy "
-                    "budget this site has spent, so it is never reset: restore it from backup"
+                    f"privacy ledger {ledger.path} is unreadable ({err}). It records the privacy budget "
+                    "this site has spent, so medfed never resets or overwrites it: the site refuses to "
+                    "train until the file is restored from backup or repaired by hand (`medfed site "
+                    "audit` and audit.jsonl show what each run spent)"
                 ) from err
         return ledger
 
@@ -117,9 +148,9 @@ class PrivacyLedger:
         return math.fsum(e.charged_delta for name, e in self.runs.items() if name != exclude)
 
     def lifetime_after(self, run: str, *, run_epsilon: float, delta: float) -> tuple[float, float]:
-        """Lifetime (epsilon, delta) if run ``run``'s accountant reached ``run_epsilon``."""
-        eps = self.spent_epsilon(exclude=run) + run_epsilon
-        dlt = self.spent_delta(exclude=run) + (delta if run_epsilon > 0 else 0.0)
+        """Lifetime (epsilon, delta) if DP run ``run``'s accountant reached ``run_epsilon`` (its delta counts always)."""
+        eps = self.spent_epsilon(exclude=run) + _nonnegative(run_epsilon)
+        dlt = self.spent_delta(exclude=run) + delta
         return eps, dlt
 
     @staticmethod
@@ -139,7 +170,7 @@ class PrivacyLedger:
     def reserve(self, run: str, *, epsilon: float, delta: float, dp: bool = True, run_id: int | None = None) -> None:
         """Record, before training, the epsilon run ``run`` will have after this round; then save."""
         entry = self._entry(run, run_id=run_id, dp=dp, delta=delta)
-        entry.reserved = float(epsilon) if dp else 0.0
+        entry.reserved = _nonnegative(epsilon) if dp else 0.0
         self.save()
 
     def commit(
@@ -148,7 +179,7 @@ class PrivacyLedger:
     ) -> None:
         """Record, after training, the run's accountant epsilon and one more round; then save."""
         entry = self._entry(run, run_id=run_id, dp=dp, delta=delta)
-        entry.epsilon = float(epsilon) if dp else 0.0
+        entry.epsilon = _nonnegative(epsilon) if dp else 0.0
         entry.reserved = 0.0
         entry.rounds += 1
         entry.last_round = int(server_round)
@@ -170,21 +201,47 @@ class PrivacyLedger:
         runs = {}
         for name, values in dict(state["runs"]).items():
             entry = RunEntry(**dict(values))
-            if not (entry.epsilon >= 0 and entry.reserved >= 0 and 0 <= entry.delta < 1):
-                raise ValueError(f"run {name!r} has a negative epsilon or a delta outside [0, 1)")
+            problems = entry.problems()
+            if problems:
+                raise ValueError(f"run {name!r}: {'; '.join(problems)}")
             runs[str(name)] = entry
         self.runs = runs
 
     def save(self) -> None:
-        """Write the ledger atomically (temporary file + rename, fsynced)."""
+        """Write the ledger atomically (temporary file + rename, fsynced), once it is known to load back.
+
+        Raises:
+            LedgerError: The state would not load back (e.g. a NaN epsilon); nothing is written.
+        """
+        self._check_loads_back()
+        text = json.dumps(self.state_dict(), indent=1, allow_nan=False)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.state_dict(), handle, indent=1)
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _check_loads_back(self) -> None:
+        """Raise :class:`LedgerError` unless the current state survives a JSON round trip."""
+        try:
+            PrivacyLedger(self.path).load_state_dict(json.loads(json.dumps(self.state_dict(), allow_nan=False)))
+        except (ValueError, TypeError, KeyError) as err:
+            raise LedgerError(
+                f"refusing to write privacy ledger {self.path}: the new state would not load back ({err}); "
+                "the file on disk is unchanged"
+            ) from err
+
+
+def _nonnegative(epsilon: float) -> float:
+    """An accountant's epsilon as recorded: below 0 is 0 ((eps, delta)-DP with eps < 0 is (0, delta)-DP).
+
+    NaN stays NaN (and is refused when saving).
+    """
+    value = float(epsilon)
+    return 0.0 if value < 0 else value

@@ -6,6 +6,7 @@ node config (``flower-supernode --node-config "policy='/etc/medfed/policy.yaml'"
     # medfed site policy
     lifetime_epsilon: 10.0        # epsilon this site may spend over ALL runs together
     lifetime_delta: 1.0e-4        # delta over all runs together (each DP run adds its target_delta)
+    max_delta: 1.0e-5             # largest privacy.target_delta a run may use (omit: 1/n only)
     max_rounds_per_run: 50        # rounds this site trains per run (omit: no limit)
     allowed_models: [cnn, resnet18]          # omit: any registered model
     allowed_strategies: [fedavg, fedprox]    # omit: any registered strategy
@@ -80,6 +81,10 @@ class SitePolicy(BaseModel):
     allowed_strategies: list[str] | None = Field(None, min_length=1, description="Strategy names (omit: any).")
     min_noise_multiplier: float = Field(0.0, ge=0.0, description="Smallest DP-SGD noise multiplier accepted.")
     max_grad_norm: float | None = Field(None, gt=0.0, description="Largest clipping norm accepted.")
+    max_delta: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Largest privacy.target_delta accepted (omit: only the site's own 1/n bound applies).",
+    )
     allow_non_dp: bool = Field(False, description="Whether training without DP is allowed at all.")
     allowed_accountants: list[Accountant] = Field(
         default_factory=lambda: ["rdp", "prv"], min_length=1,

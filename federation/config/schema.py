@@ -154,7 +154,9 @@ class PrivacyConfig(_Section):
     target_epsilon: float = Field(
         8.0, gt=0.0, description="Budget for the whole planned run; sets the noise when noise_multiplier=0."
     )
-    target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_delta: float = Field(
+        1e-5, gt=0.0, lt=0.1, description="delta of every epsilon; a site also refuses delta above 1/n of its data."
+    )
     noise_multiplier: float = Field(0.0, ge=0.0, description=">0: use this noise and stop at target_epsilon.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample gradient clipping bound.")
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
