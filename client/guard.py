@@ -9,8 +9,9 @@ a letter, then letters, digits, ``_ . -``; never a path or a UID) and a refusal
 reason ``"<code>: <detail>"`` whose code is one of :data:`REFUSAL_CODES` and whose
 detail uses a restricted alphabet (no ``/``, ``\\``, ``^``, ``@``, no long digit
 runs such as UIDs or dates). A site that fails replies with :func:`error_reply`,
-which names only the exception type: Flower would otherwise send the exception's
-text, which may hold file paths, to the coordinator.
+whose reason is the same for every failure (:data:`SITE_ERROR_REASON`): Flower would
+otherwise send the exception's text, which may hold file paths, to the coordinator,
+and even its type would tell whether a path exists.
 """
 
 from __future__ import annotations
@@ -63,8 +64,6 @@ REFUSAL_CODES: dict[str, str] = {
     "run-budget": "the run's own epsilon budget (privacy.target_epsilon) would be exceeded",
     "lifetime-epsilon": "the site's lifetime epsilon (policy lifetime_epsilon) would be exceeded",
     "lifetime-delta": "the site's lifetime delta (policy lifetime_delta) would be exceeded",
-    "delta-too-high": "privacy.target_delta is above 1/n of the site's training set or the policy's max_delta",
-    "ledger-damaged": "the site's privacy ledger does not load; it trains no more until its operator restores it",
     "ledger-mismatch": "the run's accountant holds less epsilon than the site's ledger records",
     "model-not-allowed": "model.name is not in the policy's allowed_models",
     "strategy-not-allowed": "strategy.name is not in the policy's allowed_strategies",
@@ -118,15 +117,19 @@ def refusal(code: str, detail: str) -> str:
     return check_refusal_reason(f"{code}: {detail}")
 
 
-def error_reason(err: BaseException) -> str:
-    """What the coordinator learns of a failure at the site: the exception type only."""
-    kind = re.sub(r"[^A-Za-z0-9_]", "", type(err).__name__)[:64] or "Exception"
-    return f"site error {kind}; details are in the site's own log"
+#: The one reason every failed request gets: not even the exception type leaves the site
+#: (``FileNotFoundError`` vs ``ValueError`` would tell the coordinator whether a path exists).
+SITE_ERROR_REASON = "site error; details are in the site's own log and audit log"
 
 
 def error_reply(msg: Message, err: BaseException) -> Message:
-    """An error reply to ``msg`` that carries no exception text (paths, values) off the site."""
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error_reason(err)), reply_to=msg)
+    """An error reply to ``msg`` that carries nothing about the failure (type, paths, values) off the site.
+
+    ``err`` stays at the site: :func:`client.handling.handle` writes it to the site's
+    log and audit log.
+    """
+    del err  # deliberately unused: see SITE_ERROR_REASON
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=SITE_ERROR_REASON), reply_to=msg)
 
 
 def check_reply(

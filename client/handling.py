@@ -5,8 +5,8 @@
 * every reply passes the outbound guard inside the body (:func:`client.guard.check_reply`);
 * every request, reply, refusal and failure is written to the site's audit log
   *before* the reply leaves (a reply that cannot be audited is not sent);
-* any exception becomes :func:`client.guard.error_reply`, which names only the
-  exception type: the exception text (file paths, DICOM values) stays in the
+* any exception becomes :func:`client.guard.error_reply`, whose reason is the same
+  for every failure: the exception (type, file paths, DICOM values) stays in the
   site's own log and audit log.
 
 :func:`check_policy_at_start` is the ClientApp lifespan check: the policy is
@@ -74,6 +74,8 @@ def train_audit(outcome: TrainOutcome, settings: SiteSettings) -> dict[str, Any]
     """Audit fields of a training round: epsilons before/after (run and lifetime), delta, refusal."""
     admission = outcome.admission
     fields: dict[str, Any] = {"refused": outcome.refusal}
+    if outcome.replayed:  # a redone round: the reply already sent, nothing spent
+        fields["replayed"] = True
     if admission is None or admission.run_epsilon_before is None:
         return fields
     trained = outcome.refusal is None

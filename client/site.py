@@ -20,10 +20,10 @@ from client.admission import Admission, admit_train_round
 from client.adversary import inject_fault, outgoing_weights, training_set
 from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
-from client.ledger import LedgerError, PrivacyLedger, check_run_name
+from client.ledger import PrivacyLedger, check_run_name
 from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
 from client.simulated import is_simulated_site
-from federation.config import ExperimentConfig
+from federation.config import DataConfig, ExperimentConfig
 from federation.data import DataMismatch, SiteData
 from federation.metrics.clinical import ClinicalSettings, clinical_metrics
 from federation.models import build_model
@@ -132,6 +132,37 @@ def site_settings(
     )
 
 
+#: File in a real site's state folder holding its secret salt of the PatientID keys (created on first use).
+PATIENT_SALT_FILE = "patient-salt"
+
+
+def site_data_config(config: ExperimentConfig, settings: SiteSettings) -> DataConfig:
+    """The ``data`` section this site loads with: its own data folder, and at a real site its own paths.
+
+    At a real site the DICOM paths the run config names are confined to the site's
+    folders (the labels CSV anchored at its data-dir, the header index at its state
+    folder; :func:`federation.data.dicom.confine.confine`), and the PatientID keys
+    of its header index are salted with its own secret (:data:`PATIENT_SALT_FILE`).
+
+    Raises:
+        PathOutsideSite: A path resolves outside the site's folders (the site's log
+            names it; the coordinator gets the uniform error reply).
+    """
+    data = config.data.model_copy(update={"data_dir": settings.data_dir})
+    if settings.simulated or data.dataset != "dicom":
+        return data
+    from federation.data.dicom.confine import confine  # noqa: PLC0415
+
+    roots = (settings.data_dir, settings.state_dir)
+    update = {
+        "dicom_labels": str(confine(data.dicom_labels or "labels.csv", roots=roots, what="data.dicom_labels")),
+        "dicom_patient_salt_file": str(settings.state_dir / PATIENT_SALT_FILE),
+    }
+    if data.dicom_cache_dir:
+        update["dicom_cache_dir"] = str(confine(data.dicom_cache_dir, roots=roots[::-1], what="data.dicom_cache_dir"))
+    return data.model_copy(update=update)
+
+
 def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
     """Load this site's train and test split (kept per process between rounds, see :mod:`client.cache`).
 
@@ -141,7 +172,7 @@ def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
     """
     from federation.data import check_site_data, is_site_only, load_dataset  # noqa: PLC0415
 
-    data_config = config.data.model_copy(update={"data_dir": settings.data_dir})
+    data_config = site_data_config(config, settings)
     if is_site_only(data_config.dataset):  # the model's shape came from the run config, not from data
         check_site_data(data_config, load_dataset(data_config, seed=config.seed))
     return site_data(
@@ -253,13 +284,7 @@ def train_round(
     try:
         model.load_state_dict(dict(global_weights))
         privacy = load_privacy(config, settings, num_examples=len(data.train))
-        try:
-            ledger = PrivacyLedger.open(settings.state_dir)
-        except LedgerError as damaged:  # kept as it is; the operator restores it (the error says how)
-            logger.error("site %s refuses round %d: %s", settings.name, server_round, damaged)
-            return TrainOutcome(weights=None, metrics={}, refusal=refusal(
-                "ledger-damaged", "the site's privacy ledger does not load; the site trains no more until "
-                "its operator restores it (details in the site's own log)"))
+        ledger = PrivacyLedger.open(settings.state_dir)
         admission = admit_train_round(
             policy=policy, ledger=ledger, config=config, privacy=privacy, run=settings.run_name,
             server_round=server_round, run_id=run_id,

@@ -112,6 +112,7 @@ class SuperNodeSpec:
     runtime_port: int = 9094
     insecure: bool = False
     extra_node_config: dict[str, str | int] = field(default_factory=dict)
+    trusted_entities: str = ""  # YAML of ed25519 keys: run only FABs (app code) signed by one of them
 
 
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
@@ -139,6 +140,10 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     values.update(spec.extra_node_config)
     cmd = [flower_executable("flower-supernode"), "--superlink", spec.superlink]
     cmd += ["--node-config", _node_config(values), "--port", str(spec.runtime_port)]
+    if spec.trusted_entities:  # Flower's FAB verification: the coordinator's app code runs only if signed
+        if not Path(spec.trusted_entities).is_file():
+            raise FileNotFoundError(f"--trusted-entities {spec.trusted_entities}: no such file")
+        cmd += ["--trusted-entities", str(spec.trusted_entities)]
     if spec.insecure:
         logger.warning(INSECURE_WARNING)
         return [*cmd, "--insecure"]

@@ -160,3 +160,98 @@ def test_a_site_cannot_report_as_another_or_change_its_name(tmp_path: Path) -> N
     lines = read_jsonl(run.path / SITES_FILE)
     assert [(line["round"], line["site"], line["node"]) for line in lines] == [
         (1, "hospital-a", 11), (1, "hospital-b", 12), (2, "hospital-a", 11)]
+
+
+# ------------------------------------------------- 26.6: paths confined to the site, salted keys, uniform errors
+DICOM = ("data.dataset=dicom", "data.dicom_test_fraction=0.25", "data.dicom_label_names=normal,pneumonia",
+         "data.dicom_channels=1", "train.batch_size=8")
+
+
+@pytest.fixture
+def dicom_site(real_site, shared_data_dir: Path):
+    """``real_site`` whose data-dir is a 40-image DICOM demo site (fake patients)."""
+    if not (shared_data_dir / "pneumoniamnist.npz").is_file():
+        pytest.skip("pneumoniamnist.npz not in the shared data folder")
+    from federation.data.dicom import make_demo_site
+
+    make_demo_site(source="pneumoniamnist", data_dir_of_npz=shared_data_dir, out_dir=real_site.data_dir,
+                   count=40, seed=5)
+    return real_site
+
+
+def test_paths_outside_the_site_are_refused_and_every_failure_looks_the_same(
+    dicom_site, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from client.guard import SITE_ERROR_REASON
+
+    outside = dicom_site.coordinator_dir
+    outside.mkdir()
+    shutil.copy(dicom_site.data_dir / "labels.csv", outside / "labels.csv")  # readable, and a valid labels file
+    hostile = {
+        "absolute labels": f"data.dicom_labels={outside / 'labels.csv'}",
+        "../ labels": "data.dicom_labels=../coordinator/labels.csv",
+        "missing outside": f"data.dicom_labels={outside / 'nothing.csv'}",
+        "index elsewhere": f"data.dicom_cache_dir={outside / 'index'}",
+        "missing inside": "data.dicom_labels=nothing.csv",  # an ordinary failure: the same reply
+    }
+    with caplog.at_level(logging.ERROR):
+        replies = {what: dicom_site.evaluate(*DICOM, override) for what, override in hostile.items()}
+    for what, reply in replies.items():
+        assert reply.has_error() and reply.error.reason == SITE_ERROR_REASON, what
+    assert sorted(p.name for p in outside.iterdir()) == ["labels.csv"]  # no index written there
+    assert caplog.text.count("outside this site's own folders") == 4
+    assert "data.dicom_cache_dir=" in caplog.text and "data.dicom_labels='../coordinator/labels.csv'" in caplog.text
+    assert not dicom_site.evaluate(*DICOM).has_error()  # its own labels.csv, inside data-dir
+
+
+def test_the_header_index_keys_patients_with_the_sites_own_salt(dicom_site) -> None:
+    import hashlib
+    import hmac
+    import json
+
+    import pydicom
+
+    reply = dicom_site.evaluate(*DICOM, "data.dicom_cache_dir=index")  # relative: inside the site's state folder
+    assert not reply.has_error(), reply.error
+    disk = dicom_site.state_dir / dicom_site.name
+    salt_file = disk / "patient-salt"
+    assert salt_file.stat().st_mode & 0o777 == 0o600
+    salt = bytes.fromhex(salt_file.read_text())
+    assert len(salt) == 32
+    (index,) = (disk / "index").glob("medfed-index-*.json")
+    records = {r["path"]: r["patient_key"] for r in json.loads(index.read_text())["files"]}
+    checked = 0
+    for path in dicom_site.data_dir.rglob("*.dcm"):
+        patient = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+        key = records[path.relative_to(dicom_site.data_dir).as_posix()]
+        assert key == hmac.new(salt, patient.encode(), hashlib.sha256).hexdigest()[:16]
+        assert key != hashlib.sha256(patient.encode()).hexdigest()[:16]  # not matchable against a list of IDs
+        checked += 1
+    assert checked == 40
+    assert not dicom_site.evaluate(*DICOM, "data.dicom_cache_dir=index").has_error()  # same salt next time
+    assert bytes.fromhex(salt_file.read_text()) == salt
+
+
+def test_deploy_supernode_requires_the_sites_own_folders_and_can_pin_the_app(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.cli import deploy_app
+    from deploy.commands import SuperNodeSpec, supernode_command
+
+    base = dict(superlink="x:1", site_name="hospital-a", ca_cert=None, private_key=None, insecure=True)
+    with pytest.raises(ValueError, match="needs --data-dir and --state-dir"):
+        supernode_command(SuperNodeSpec(**base))
+    with pytest.raises(ValueError, match="needs --state-dir: "):
+        supernode_command(SuperNodeSpec(**base, data_dir="/data/a", state_dir=" "))
+    missing = CliRunner().invoke(deploy_app, ["supernode", "--superlink", "x:1", "--site-name", "a", "--insecure",
+                                              "--print", "--data-dir", "/data/a"])
+    assert missing.exit_code == 2 and "--state-dir" in missing.output
+    keys = tmp_path / "trusted.yaml"
+    keys.write_text("fpk_reviewer: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake reviewer\n")
+    cmd = supernode_command(SuperNodeSpec(**base, data_dir="/data/a", state_dir="/var/lib/medfed",
+                                          trusted_entities=str(keys)))
+    assert cmd[cmd.index("--trusted-entities") + 1] == str(keys)
+    with pytest.raises(FileNotFoundError, match="--trusted-entities"):
+        supernode_command(SuperNodeSpec(**base, data_dir="/d", state_dir="/s", trusted_entities=str(tmp_path / "x")))

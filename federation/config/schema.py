@@ -69,6 +69,10 @@ class DataConfig(_Section):
     dicom_normalize: Literal["auto", "range", "minmax"] = Field("auto", description="dicom: intensity scaling to [0, 1].")
     dicom_cache_dir: str = Field("", description="dicom: header index folder (empty = inside data_dir).")
     dicom_test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="dicom: patients held out as the local test split.")
+    dicom_patient_salt_file: str = Field(
+        "", description="dicom: file with the secret salt of the PatientID keys (empty = plain hash); a real site "
+        "always uses its own, in its state-dir.",
+    )
     task: str = Field(
         "classification", description="What the model learns: classification or segmentation (see federation.tasks)."
     )

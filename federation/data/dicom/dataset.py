@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from federation.data.dicom.confine import site_salt
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN, DEFAULT_LABELS_NAME
 from federation.data.dicom.loader import load_site_sample_set
 from federation.data.dicom.reader import Frames, Normalize
@@ -45,6 +46,8 @@ class DicomSettings:
         normalize: ``auto``, ``range`` or ``minmax``.
         cache_dir: Folder of the header index (empty = inside the data folder).
         test_fraction: Share of patients (hashed PatientID, else study) held out as the local test split.
+        patient_salt_file: File with the site's secret salt of the PatientID keys (empty:
+            plain hash). A real site sets it itself, inside its state-dir.
     """
 
     labels: str = DEFAULT_LABELS_NAME
@@ -57,6 +60,7 @@ class DicomSettings:
     normalize: Normalize = "auto"
     cache_dir: str = ""
     test_fraction: float = 0.2
+    patient_salt_file: str = ""
 
     @classmethod
     def from_config(cls, config: Any) -> DicomSettings:
@@ -139,6 +143,7 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
         label_names=settings.label_names or None,
         channels=settings.channels,
         normalize=settings.normalize,
+        patient_salt=site_salt(settings.patient_salt_file) if settings.patient_salt_file else b"",
     )
     images, labels, groups, report = samples.images, samples.labels, samples.groups, samples.report
     if report.quarantined:
@@ -194,3 +199,6 @@ def declared_dicom_info(config: Any) -> DatasetInfo | list[str]:
 
 def _register() -> None:
     register_dataset("dicom", load_dicom_splits, site_only=declared_dicom_info, replace=True)
+    from federation.data.dicom.volumes import _register as register_volumes  # noqa: PLC0415 - imports this module
+
+    register_volumes()

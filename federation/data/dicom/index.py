@@ -6,7 +6,8 @@ reused while the file's signature (relative path, size, ``mtime_ns``) is unchang
 so a 10k-file site does not re-parse its headers every round. Records hold only
 file-intrinsic facts and problems; label, modality and decoder checks are applied
 afterwards, so changing those settings (or installing a decoder) never needs a
-rebuild. No patient-identifying values are stored (patient IDs only as a hash);
+rebuild. No patient-identifying values are stored (patient IDs only as a hash,
+keyed at a real site with its secret salt: :func:`federation.data.dicom.confine.patient_key`);
 sex and age in whole years are kept for subgroup evaluation, which only ever sends
 aggregates of groups of at least ``clinical.min_group_size`` patients.
 """
@@ -30,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 
+from federation.data.dicom.confine import patient_key, salt_fingerprint
 from federation.data.dicom.reader import SUPPORTED_PHOTOMETRICS
 from federation.data.dicom.report import Reason
 
@@ -165,6 +167,7 @@ def build_index(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     exclude: tuple[str | os.PathLike[str], ...] = (),
+    patient_salt: bytes = b"",
 ) -> SiteIndex:
     """Index every file under a site folder, reusing cached records of unchanged files.
 
@@ -173,6 +176,8 @@ def build_index(
         cache_dir: Where the index is kept (see :func:`index_path_for`).
         use_cache: Read and write the index file; ``False`` parses everything.
         exclude: Files not to index (e.g. the labels CSV if it has no ``.csv`` suffix).
+        patient_salt: The site's secret salt of the PatientID keys (empty: plain hash);
+            an index written with another salt is rebuilt.
 
     Returns:
         The :class:`SiteIndex`. An unwritable cache location is logged, not raised.
@@ -184,7 +189,7 @@ def build_index(
     if not root.is_dir():
         raise NotADirectoryError(f"site data folder {root} does not exist or is not a folder")
     cache_path = index_path_for(root, cache_dir)
-    cached = _load_cache(cache_path) if use_cache else {}
+    cached = _load_cache(cache_path, salt=salt_fingerprint(patient_salt)) if use_cache else {}
     skip = frozenset(Path(p).expanduser().resolve() for p in exclude) | {cache_path}
     records: list[FileRecord] = []
     parsed = reused = 0
@@ -194,16 +199,17 @@ def build_index(
             records.append(old)
             reused += 1
         else:
-            records.append(read_header(path, rel=rel, size=stat.st_size, mtime_ns=stat.st_mtime_ns))
+            records.append(read_header(path, rel=rel, size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                                       patient_salt=patient_salt))
             parsed += 1
     saved: Path | None = cache_path if use_cache else None
     if use_cache and (parsed or len(cached) != len(records)):
-        saved = _save_cache(cache_path, root, records)
+        saved = _save_cache(cache_path, root, records, salt=salt_fingerprint(patient_salt))
     logger.info("indexed %s: %d files (%d parsed, %d from cache)", root, len(records), parsed, reused)
     return SiteIndex(data_dir=root, records=records, parsed=parsed, reused=reused, path=saved)
 
 
-def _load_cache(path: Path) -> dict[str, FileRecord]:
+def _load_cache(path: Path, *, salt: str) -> dict[str, FileRecord]:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -213,6 +219,9 @@ def _load_cache(path: Path) -> dict[str, FileRecord]:
         return {}
     if not isinstance(payload, dict) or (payload.get("format"), payload.get("version")) != (INDEX_FORMAT, INDEX_VERSION):
         logger.info("DICOM index %s has another format/version; rebuilding it", path)
+        return {}
+    if payload.get("salt", "") != salt:
+        logger.info("DICOM index %s keys patients with another salt; rebuilding it", path)
         return {}
     names = {f.name for f in fields(FileRecord)}
     out: dict[str, FileRecord] = {}
@@ -225,10 +234,11 @@ def _load_cache(path: Path) -> dict[str, FileRecord]:
     return out
 
 
-def _save_cache(path: Path, root: Path, records: list[FileRecord]) -> Path | None:
+def _save_cache(path: Path, root: Path, records: list[FileRecord], *, salt: str) -> Path | None:
     payload = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
+        "salt": salt,
         "data_dir": str(root),
         "files": [asdict(r) for r in records],
     }
@@ -257,7 +267,7 @@ def _int(ds: pydicom.Dataset, keyword: str, default: int = 0) -> int:
         return default
 
 
-def read_header(path: Path, *, rel: str, size: int, mtime_ns: int) -> FileRecord:
+def read_header(path: Path, *, rel: str, size: int, mtime_ns: int, patient_salt: bytes = b"") -> FileRecord:
     """Parse one file's header (never its pixels) into a :class:`FileRecord`; never raises.
 
     Args:
@@ -265,6 +275,7 @@ def read_header(path: Path, *, rel: str, size: int, mtime_ns: int) -> FileRecord
         rel: Its path relative to the site folder.
         size: Its size in bytes.
         mtime_ns: Its modification time.
+        patient_salt: The site's salt of the PatientID key (empty: plain SHA-256).
 
     Returns:
         The record; ``reason`` is set when the file is not a usable image.
@@ -274,7 +285,7 @@ def read_header(path: Path, *, rel: str, size: int, mtime_ns: int) -> FileRecord
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-conformant values: judged by the checks below
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            values = _header_values(ds)
+            values = _header_values(ds, patient_salt=patient_salt)
             problem = _image_problem(ds, values) or _pixel_problem(fp, ds, values["transfer_syntax"], size)
     except InvalidDicomError as exc:
         return FileRecord(**base, reason=Reason.NOT_DICOM.value, detail=str(exc)[:300])
@@ -284,7 +295,7 @@ def read_header(path: Path, *, rel: str, size: int, mtime_ns: int) -> FileRecord
     return FileRecord(**base, reason=reason, detail=detail, **values)
 
 
-def _header_values(ds: pydicom.Dataset) -> dict[str, Any]:
+def _header_values(ds: pydicom.Dataset, *, patient_salt: bytes = b"") -> dict[str, Any]:
     meta = getattr(ds, "file_meta", None)
     patient = _text(ds, "PatientID")
     return {
@@ -302,7 +313,7 @@ def _header_values(ds: pydicom.Dataset) -> dict[str, Any]:
         "bits_stored": _int(ds, "BitsStored"),
         "study_instance_uid": _text(ds, "StudyInstanceUID"),
         "series_instance_uid": _text(ds, "SeriesInstanceUID"),
-        "patient_key": hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else "",
+        "patient_key": patient_key(patient, salt=patient_salt),
         "patient_sex": sex if (sex := _text(ds, "PatientSex").upper()) in ("F", "M", "O") else "",
         "patient_age": patient_age_years(ds),
     }

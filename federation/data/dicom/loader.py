@@ -171,11 +171,13 @@ def _select(
     label_names: Sequence[str] | None,
     cache_dir: str | os.PathLike[str] | None,
     use_cache: bool = True,
+    patient_salt: bytes = b"",
 ) -> _Selection:
     root = Path(data_dir).expanduser().resolve()
     csv_path = _labels_path(root, labels_csv)
     table = read_labels(csv_path, key_column=key_column, label_column=label_column, label_names=label_names)
-    index = build_index(root, cache_dir=cache_dir, use_cache=use_cache, exclude=(csv_path,))
+    index = build_index(root, cache_dir=cache_dir, use_cache=use_cache, exclude=(csv_path,),
+                        patient_salt=patient_salt)
     items, quarantined = select_usable(index, table, modalities=modalities)
     return _Selection(index=index, table=table, items=items, quarantined=quarantined)
 
@@ -363,10 +365,15 @@ def load_site_sample_set(
     channels: int = 0,
     normalize: Normalize = "auto",
     workers: int = DEFAULT_WORKERS,
+    patient_salt: bytes = b"",
 ) -> SiteSamples:
-    """Load every usable labelled image with its split group and sex/age (see :func:`load_dicom_site`)."""
+    """Load every usable labelled image with its split group and sex/age (see :func:`load_dicom_site`).
+
+    ``patient_salt`` keys the PatientID hashes (the split groups) with the site's secret
+    (:func:`federation.data.dicom.confine.site_salt`); empty keeps the plain hash.
+    """
     sel = _select(data_dir, labels_csv, key_column=key_column, label_column=label_column,
-                  modalities=modalities, label_names=label_names, cache_dir=cache_dir)
+                  modalities=modalities, label_names=label_names, cache_dir=cache_dir, patient_salt=patient_salt)
     items = sel.items
     chans = _choose_channels(items, channels)
     counts = [len(frame_indices(it.record.frames, frames)) for it in items]
