@@ -155,3 +155,72 @@ def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
                  if row["phase"] == "evaluate"]
     assert {row["site"] for row in evaluated} == {"site-1", "site-2"}
     assert all(set(row["metrics"]) <= segmentation_metric_names() for row in evaluated)
+
+
+def test_msd_hippocampus_loader_on_three_cases(tmp_path: Path) -> None:
+    from federation.data.nifti import DEFAULT_VOLUME_SHAPE
+    from federation.data.paths import resolve_data_dir
+
+    source = resolve_data_dir("") / "msd_hippocampus"
+    if not (source / "dataset.json").is_file():
+        pytest.skip("MSD hippocampus is not in the data dir")
+    index = json.loads((source / "dataset.json").read_text())
+    folder = tmp_path / "msd_hippocampus"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    for case in index["training"][:3]:
+        for key in ("image", "label"):
+            (folder / case[key]).symlink_to(source / case[key])
+    (folder / "dataset.json").write_text(json.dumps({**index, "training": index["training"][:3]}))
+    config = load_config(None, ["data.dataset=msd_hippocampus", "data.task=segmentation", f"data.data_dir={tmp_path}",
+                                "data.nifti_test_fraction=0.3"])
+    splits = load_dataset(config.data, seed=0)
+    assert splits.train_images.shape == (2, 1, *DEFAULT_VOLUME_SHAPE) and splits.test_images.shape[0] == 1
+    assert splits.train_masks.shape == splits.train_images.shape and splits.spatial_dims == 3
+    assert splits.label_names == ("background", "anterior", "posterior")
+    assert set(np.unique(splits.train_masks)) == {0, 1, 2} and list(splits.train_labels) == [2, 2]
+    for volume in splits.train_images:  # scaled per volume to [0, 1]
+        assert volume.min() == 0.0 and volume.max() == 1.0
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+
+
+def test_nifti_folder_checks_set_bad_cases_aside_and_keep_the_rest(tmp_path: Path) -> None:
+    from federation.data.nifti import check_nifti_cases, folder_cases, load_nifti_folder
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    label = np.zeros((10, 12, 8), np.uint8)
+    label[3:6, 4:8, 2:5] = 1
+    label[6:8, 4:8, 2:5] = 2
+    for case in ("good1", "good2", "good3", "shape", "affine", "outside", "empty", "nolabel"):
+        _nifti(tmp_path / "imagesTr" / f"{case}_0000.nii.gz", rng.normal(size=(10, 12, 8)).astype(np.float32))
+    for case in ("good1", "good2", "good3"):
+        _nifti(tmp_path / "labelsTr" / f"{case}.nii.gz", label)
+    _nifti(tmp_path / "labelsTr" / "shape.nii.gz", label[:9])
+    _nifti(tmp_path / "labelsTr" / "affine.nii.gz", label, affine=np.diag([2.0, 1.0, 1.0, 1.0]))
+    _nifti(tmp_path / "labelsTr" / "outside.nii.gz", np.where(label == 2, 5, label).astype(np.uint8))
+    _nifti(tmp_path / "labelsTr" / "empty.nii.gz", np.zeros_like(label))
+    (tmp_path / "imagesTr" / "broken_0000.nii.gz").write_bytes(b"not a nifti file")
+    (tmp_path / "labelsTr" / "broken.nii.gz").write_bytes(b"not a nifti file")
+    cases = check_nifti_cases(folder_cases(tmp_path), num_classes=3, shape=(8, 8, 8))
+    assert cases.names == ["good1", "good2", "good3"]
+    assert cases.set_aside.pop("broken").startswith("unreadable (")  # the reader's exception type
+    assert cases.set_aside == {
+        "affine": "image and label affines differ (not on the same voxel grid)",
+        "empty": "empty label (no foreground voxel)",
+        "nolabel": "no label file nolabel.nii.gz in labelsTr",
+        "outside": "label values [5.0] are outside the declared classes 0..2",
+        "shape": "image shape (10, 12, 8) differs from label shape (9, 12, 8)",
+    }
+    assert cases.images[0].shape == (1, 8, 8, 8) and cases.masks[0].dtype == np.uint8
+    config = load_config(None, ["data.dataset=nifti", "data.task=segmentation", "data.nifti_label_names=bg,a,b",
+                                "data.volume_shape=8,8,8"])
+    splits = load_nifti_folder(config=config.data, data_dir=tmp_path, seed=0)
+    assert (len(splits.train_labels), len(splits.test_labels)) == (2, 1)
+    assert splits.label_names == ("bg", "a", "b") and splits.num_classes == 3

@@ -222,6 +222,8 @@ BUILTIN_DATASET_MODULES = (
     "federation.data.heart",
     "federation.data.medmnist3d",
     "federation.data.synthetic_seg",
+    "federation.data.msd",
+    "federation.data.nifti",
     "federation.data.dicom.dataset",
 )
 _builtins_lock = threading.RLock()
@@ -389,10 +391,14 @@ def check_site_data(config: DataConfig, splits: DatasetSplits) -> None:
     if splits.num_classes != declared.num_classes:
         raise DataMismatch(f"the site's labels give {splits.num_classes} classes, the run declares "
                            f"{declared.num_classes}")
-    if splits.spatial_dims != declared.spatial_dims or (splits.spatial_dims and splits.image_size != config.image_size):
+    sized = splits.train_masks is None  # segmentation volumes take their shape from data.volume_shape instead
+    if splits.spatial_dims != declared.spatial_dims or (sized and splits.spatial_dims
+                                                        and splits.image_size != config.image_size):
         raise DataMismatch(f"the site's images are {splits.image_size} px ({splits.spatial_dims}-D), the run "
                            f"declares data.image_size={config.image_size} ({declared.spatial_dims}-D)")
     present = np.union1d(np.unique(splits.train_labels), np.unique(splits.test_labels))
+    if splits.train_masks is not None and splits.test_masks is not None:  # the classes of the label maps
+        present = np.union1d(np.unique(splits.train_masks), np.unique(splits.test_masks))
     missing = [int(c) for c in range(declared.num_classes) if c not in present]
     if missing:
         raise DataMismatch(f"the site holds no image of declared class(es) {', '.join(map(str, missing))} "
