@@ -86,6 +86,9 @@ class SitePolicy(BaseModel):
         description="Largest privacy.target_delta accepted (omit: only the site's own 1/n bound applies).",
     )
     allow_non_dp: bool = Field(False, description="Whether training without DP is allowed at all.")
+    require_secagg: bool = Field(
+        False, description="Send model updates only under secure aggregation (secagg.enabled); refuse plain rounds.",
+    )
     allowed_accountants: list[Accountant] = Field(
         default_factory=lambda: ["rdp", "prv"], min_length=1,
         description="Privacy accountants whose epsilon the site trusts (gdp can underestimate).",

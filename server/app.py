@@ -41,6 +41,7 @@ from strategies import (
     strategy_state,
 )
 from strategies.central_dp import CENTRAL_DP_FILE, with_central_dp
+from strategies.secagg import with_secure_aggregation
 from strategies.compression import with_transfer_decoding
 from strategies.ordered import OrderedReplies
 
@@ -189,7 +190,10 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
     arrays = ArrayRecord(model.state_dict())
     strategy = with_transfer_decoding(  # sites may send quantized updates (train.transfer_dtype)
         with_central_dp(  # central DP (central_dp.*), off by default
-            build_strategy(config.strategy, num_sites=config.data.num_sites), config=config,
+            with_secure_aggregation(  # secagg.*: the coordinator sees only the sum of the updates
+                build_strategy(config.strategy, num_sites=config.data.num_sites), config=config,
+            ),
+            config=config,
             log_path=run.path / CENTRAL_DP_FILE,
         ),
         transfer_dtype=config.train.transfer_dtype,

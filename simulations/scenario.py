@@ -50,6 +50,9 @@ def scenario_problems(config: ExperimentConfig) -> list[str]:
             parse_components(data.shift_components)
         except ValueError as err:
             problems.append(str(err))
+    from strategies.secagg import secagg_config_problems
+
+    problems.extend(secagg_config_problems(config))  # secagg.* with a robust aggregator, central DP, ...
     try:
         malicious_sites(config.attack, num_sites=data.num_sites)
     except ValueError as err:

@@ -111,12 +111,15 @@ def _wait(condition, *, timeout: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.5)
 
 
-def test_two_rounds_with_tls_and_auth_survive_a_killed_site(consortium: LocalConsortium, tmp_path: Path) -> None:
+def test_two_secure_rounds_with_tls_and_auth_survive_a_killed_site(consortium: LocalConsortium, tmp_path: Path) -> None:
     for index, site in enumerate(SITES):
         consortium.start_supernode(site, index=index, num_sites=len(SITES))
     for site in SITES:
         assert "SuperNode ID:" in consortium.wait_log(f"supernode-{site}", "SuperNode ID:", timeout=120)
     run_config = (
+        # secure aggregation on (secagg.*): the coordinator sees masked updates only, and round 2 must still
+        # aggregate the two survivors after a hospital dies mid-training (threshold 2 of 3)
+        f'secagg.enabled=true secagg.threshold=0.6 '
         f'data.num_samples=120 model.width=4 server.rounds=2 strategy.min_sites=2 strategy.fraction_evaluate=0.0 '
         f'server.round_timeout=600.0 server.out_dir="{tmp_path}" server.run_name="consortium"'
     )

@@ -146,3 +146,19 @@ def test_sites_refuse_a_round_beyond_their_budget_and_the_run_goes_on(tmp_path: 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["rounds_aggregated"] == 1
     assert not math.isnan(rounds[2]["global"]["auc"])
+
+
+def test_secure_aggregation_gives_the_plain_run_within_quantization(tmp_path: Path) -> None:
+    """secagg.enabled: the same seeded 3-site round, aggregated from masked updates, gives the plain model."""
+    three = ["data.num_sites=3", "strategy.min_sites=3", "server.rounds=1", "server.central_eval=true"]
+    plain = _run(tmp_path, "plain", three)
+    secure = _run(tmp_path, "secure", [*three, "secagg.enabled=true"])
+    a = torch.load(plain / "checkpoints" / "round-0001.pt", weights_only=False)["weights"]
+    b = torch.load(secure / "checkpoints" / "round-0001.pt", weights_only=False)["weights"]
+    step = 2 * 4.0 / 2**20  # secagg.clipping_range=4, quantization_bits=20
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= step
+    auc = [json.loads((run / "summary.json").read_text())["final_global"]["auc"] for run in (plain, secure)]
+    assert abs(auc[0] - auc[1]) < 0.01
+    record = read_jsonl(secure / "rounds.jsonl")[-1]
+    assert record["aggregated"] and sorted(record["sites"]) == ["site-1", "site-2", "site-3"]
+    assert all("num-examples" not in site["train"] for site in record["sites"].values())

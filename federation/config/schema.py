@@ -183,6 +183,30 @@ class CentralDPConfig(_Section):
     target_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="delta at which epsilon is reported.")
 
 
+class SecAggConfig(_Section):
+    """Secure aggregation (SecAgg+ on the Message API, strategies/secagg.py): the coordinator
+    learns only the sum of the sites' updates, tolerating sites that drop out down to the threshold.
+    """
+
+    enabled: bool = Field(False, description="Mask every site's update so that the coordinator sees only their sum.")
+    num_shares: int = Field(
+        0, ge=0, description="Share holders per site secret, the site included (0 = every sampled site; "
+        "else a sparse SecAgg+ graph, rounded down to an odd number >= 3)."
+    )
+    threshold: float = Field(
+        0.67, gt=0.5, le=1.0,
+        description="Fraction of a site's share holders needed to unmask (> 0.5; 1 = no dropout tolerated).",
+    )
+    clipping_range: float = Field(
+        4.0, gt=0.0, description="Each element of a site's update (new minus global weights) is clipped to +-range."
+    )
+    quantization_bits: int = Field(20, ge=8, le=24, description="Quantized update elements are integers < 2^bits.")
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="examples: weight by example count (only the total is revealed); uniform: each site once."
+    )
+    max_weight: int = Field(1_000_000, ge=1, le=10_000_000, description="Cap on a site's example-count weight.")
+
+
 class StrategyConfig(_Section):
     """Aggregation strategy (a name from the strategy registry) and its parameters.
 
@@ -368,6 +392,7 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
