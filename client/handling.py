@@ -74,6 +74,8 @@ def train_audit(outcome: TrainOutcome, settings: SiteSettings) -> dict[str, Any]
     """Audit fields of a training round: epsilons before/after (run and lifetime), delta, refusal."""
     admission = outcome.admission
     fields: dict[str, Any] = {"refused": outcome.refusal}
+    if outcome.replayed:  # a redone round: the reply already sent, nothing spent
+        fields["replayed"] = True
     if admission is None or admission.run_epsilon_before is None:
         return fields
     trained = outcome.refusal is None

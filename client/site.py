@@ -22,6 +22,7 @@ from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
 from client.ledger import PrivacyLedger, check_run_name
 from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
+from client.replay import save_reply, saved_reply
 from client.simulated import is_simulated_site
 from federation.config import DataConfig, ExperimentConfig
 from federation.data import DataMismatch, SiteData
@@ -251,6 +252,7 @@ class TrainOutcome:
     metrics: dict[str, float]
     refusal: str | None = None
     admission: Admission | None = None
+    replayed: bool = False  # the reply already sent for this round (client/replay.py): nothing spent
 
 
 def train_round(
@@ -268,11 +270,18 @@ def train_round(
     Returns a refusal instead of training when the request is outside the site's
     policy, or when this round would exceed the run's or the site's lifetime privacy
     budget (see :func:`client.admission.admit_train_round`). The site's ledger
-    records the epsilon reserved before and spent after training.
+    records the epsilon reserved before and spent after training. A round asked for
+    again from the same global model (a coordinator resumed after a crash) gets the
+    reply already sent, spending nothing (:mod:`client.replay`).
     """
     from federation.training.schedule import with_site_schedule  # noqa: PLC0415
 
     inject_fault(config, settings, server_round=server_round)  # simulated faults only
+    sent = saved_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights)
+    if sent is not None:
+        logger.warning("site %s: round %d of run %s was trained already; resending its reply (no epsilon spent)",
+                       settings.name, server_round, settings.run_name)
+        return TrainOutcome(weights=sent[0], metrics=sent[1], replayed=True)
     try:
         data = load_data(config, settings)
     except DataMismatch as mismatch:
@@ -347,6 +356,8 @@ def _train_admitted(
     metrics = result.metrics(unprivatized=privacy is None or settings.simulated)
     weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=model_state(model),
                                server_round=server_round)  # simulated update attacks only
+    save_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights, weights=weights,
+               metrics=metrics)  # a redone round resends it instead of spending again
     return TrainOutcome(weights=weights, metrics=metrics, admission=admission)
 
 
