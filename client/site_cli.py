@@ -39,7 +39,9 @@ def _split_csv(values: Optional[list[str]]) -> list[str]:
 
 @site_app.command("check")
 def check_command(
-    data_dir: Annotated[Path, typer.Argument(help="The site folder of DICOM files (searched recursively).")],
+    data_dir: Annotated[
+        Optional[Path], typer.Argument(help="The site folder of DICOM files (searched recursively); omit with --pacs.")
+    ] = None,
     labels: Annotated[
         Optional[Path], typer.Option("--labels", "-l", help="Labels CSV (default: DATA_DIR/labels.csv).")
     ] = None,
@@ -65,12 +67,24 @@ def check_command(
     ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Quarantined files listed one by one.")] = 50,
+    pacs: Annotated[
+        Optional[Path], typer.Option("--pacs", help="The site's PACS YAML: retrieve its cohort and check it.")
+    ] = None,
+    pacs_cache: Annotated[
+        Optional[Path], typer.Option("--pacs-cache", help="Cohort cache folder (default: the YAML's cache_dir).")
+    ] = None,
 ) -> None:
-    """Check a site's DICOM files against its labels; exit 1 when nothing usable remains."""
+    """Check a site's DICOM files (or its PACS cohort) against its labels; exit 1 when nothing usable remains."""
     from federation.data.dicom import check_site, render_site_report  # noqa: PLC0415 - torch: only when used
 
     if frames not in ("first", "middle", "all"):
         _fail(f"--frames must be first, middle or all, not {frames!r}")
+    if pacs is not None:
+        _check_pacs(pacs, pacs_cache, json_out=json_out, decode=not headers_only, max_rows=max_rows)
+        return
+    if data_dir is None:
+        _fail("give the site folder (DATA_DIR) or --pacs SITE.yaml")
+        return
     names = _split_csv([label_names]) or None
     try:
         report = check_site(
@@ -93,6 +107,29 @@ def check_command(
         console.print(f"report written to {json_out}")
     if not report.ok:
         console.print("[bold red]no usable images[/]: fix the quarantined files or the labels CSV")
+        raise typer.Exit(code=1)
+
+
+def _check_pacs(pacs: Path, cache: Optional[Path], *, json_out: Optional[Path], decode: bool, max_rows: int) -> None:
+    """``site check --pacs``: retrieve the cohort into the cache, report series and quarantine; never trains."""
+    from federation.data.dicom import render_site_report  # noqa: PLC0415
+    from federation.data.dicom.pacs import PacsError, load_pacs_config  # noqa: PLC0415
+    from federation.data.dicom.pacs_report import check_pacs_cohort, default_cache_dir, render_cohort  # noqa: PLC0415
+
+    try:
+        config = load_pacs_config(pacs)
+        report = check_pacs_cohort(config, cache_dir=default_cache_dir(config, cache), decode=decode)
+    except (PacsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    console.print(render_cohort(report, url=config.dicomweb_url))
+    if report.site is not None:
+        console.print(render_site_report(report.site, max_quarantined=max_rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        console.print(f"report written to {json_out}")
+    if report.site is None or not report.site.ok:
+        console.print("[bold red]no usable images in the cohort[/]: check the cohort query and the labels CSV")
         raise typer.Exit(code=1)
 
 

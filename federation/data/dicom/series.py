@@ -44,7 +44,7 @@ SERIES_REASONS: dict[str, str] = {
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between two slices' direction cosines still counted as one orientation."""
 SPACING_TOLERANCE = 0.05
-"""Largest relative deviation of one slice step from the series' median step."""
+"""Largest relative deviation of one slice step from the series' smallest step."""
 
 
 @dataclass(frozen=True)
@@ -177,18 +177,18 @@ def _check_steps(frames: Sequence[Frame], order: np.ndarray, along: np.ndarray) 
     if dup.size:
         a, b = frames[order[dup[0]]].source, frames[order[dup[0] + 1]].source
         raise SeriesError("duplicate_slice", f"{a} and {b} are both at {along[dup[0]]:.3f} mm along the normal")
-    step = float(np.median(steps))
-    gaps = np.flatnonzero(steps > step * 1.5)
+    step = float(steps.min())  # the nominal spacing: every gap a whole number of it is missing slices
+    ratios = steps / step
+    gaps = np.flatnonzero((ratios > 1.5) & (np.abs(ratios - np.round(ratios)) < 0.1))
     if gaps.size:
         i = int(gaps[0])
-        missing = round(steps[i] / step) - 1
+        missing = int(round(ratios[i])) - 1
         raise SeriesError("missing_slice", f"{missing} slice(s) missing between {along[i]:.3f} and "
                           f"{along[i + 1]:.3f} mm ({frames[order[i]].source} .. {frames[order[i + 1]].source}; "
                           f"spacing {step:.3f} mm)")
     worst = float(np.abs(steps - step).max())
     if worst > SPACING_TOLERANCE * step:
-        raise SeriesError("inconsistent_spacing", f"slice steps from {steps.min():.3f} to {steps.max():.3f} mm "
-                          f"(median {step:.3f} mm)")
+        raise SeriesError("inconsistent_spacing", f"slice steps from {steps.min():.3f} to {steps.max():.3f} mm")
     return step
 
 
