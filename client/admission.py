@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from client.evaluation import EvaluationRecord, EvaluationRules
 from client.guard import refusal
 from client.ledger import BUDGET_SLACK, PrivacyLedger
 from client.policy import SitePolicy
@@ -60,6 +61,33 @@ def evaluate_refusal(policy: SitePolicy | None, config: ExperimentConfig) -> str
         return refusal("strategy-not-allowed",
                        f"strategy {_name(config.strategy.name)} is not allowed; "
                        f"allowed: {', '.join(policy.allowed_strategies)}")
+    return None
+
+
+def evaluation_budget_refusal(
+    *, rules: EvaluationRules, record: EvaluationRecord, lifetime_count: int
+) -> str | None:
+    """Refusal reason for an evaluation a real site would answer fresh (not from its cache), or None.
+
+    The clinical settings are fixed by the run's first evaluation; the run's and the
+    site's lifetime evaluation budgets (:mod:`client.evaluation`) are checked after.
+    """
+    if not rules.limited:
+        return None
+    fixed, asked = record.settings, rules.fingerprint()
+    if fixed is not None and fixed != asked:
+        changed = sorted(key for key in asked if fixed.get(key) != asked[key])
+        return refusal("evaluation-settings",
+                       f"this run was first evaluated with other {', '.join(changed)}; "
+                       "a site fixes its clinical settings for the whole run")
+    if rules.per_run is not None and record.count >= rules.per_run:
+        return refusal("evaluation-budget",
+                       f"{record.count} evaluations answered in this run, the site's max_evaluations_per_run "
+                       f"is {rules.per_run}")
+    if rules.lifetime is not None and lifetime_count >= rules.lifetime:
+        return refusal("evaluation-budget",
+                       f"{lifetime_count} evaluations answered over all runs, the site's "
+                       f"max_evaluations_lifetime is {rules.lifetime}")
     return None
 
 

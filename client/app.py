@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from client.admission import evaluate_refusal
 from client.guard import check_reply, evaluate_metrics, refusal, train_metrics_allowed
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
-from client.site import evaluate_round, train_round
+from client.site import evaluate_request, train_round
 from client.transfer import update_record
 from federation.data import DataMismatch
 
@@ -69,15 +69,20 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
         content["status"] = ConfigRecord({"refused": reason})
         return check_reply(content, allowed_metrics=())
     try:
-        metrics = evaluate_round(
-            config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict()
+        outcome = evaluate_request(
+            config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict(),
+            policy=policy,
         )
     except DataMismatch as mismatch:  # site-only data unlike the declared classes/channels/size
         reason = refusal("data-mismatch", mismatch.detail)
         request.audit["refused"] = reason
         content["status"] = ConfigRecord({"refused": reason})
         return check_reply(content, allowed_metrics=())
-    content["metrics"] = MetricRecord(metrics)
+    request.audit.update(evaluations=outcome.evaluations, cached=outcome.cached, refused=outcome.refusal)
+    if outcome.refusal is not None:  # evaluation budget, or settings other than the run's first evaluation
+        content["status"] = ConfigRecord({"refused": outcome.refusal})
+        return check_reply(content, allowed_metrics=())
+    content["metrics"] = MetricRecord(outcome.metrics)
     return check_reply(content, allowed_metrics=evaluate_metrics(config.data.task))
 
 

@@ -14,6 +14,11 @@ node config (``flower-supernode --node-config "policy='/etc/medfed/policy.yaml'"
     max_grad_norm: 1.0            # clipping norms above this are refused (omit: no limit)
     allow_non_dp: false           # train without differential privacy at all?
     allowed_accountants: [rdp, prv]
+    min_group_size: 10            # no evaluation number describes fewer patients (at least 5)
+    subgroups: [sex, age]         # attributes whose subgroups are reported ([]: none)
+    age_bands: [18, 40, 65]       # the site's own age bands (the run config's are ignored)
+    max_evaluations_per_run: 55   # omit: max_rounds_per_run (else 50) + 5
+    max_evaluations_lifetime: 1000  # omit: no limit
 
 Budgets compose by basic composition: the epsilons of all runs add up, and so do
 the deltas (every run that trained with DP adds its ``privacy.target_delta`` once).
@@ -49,6 +54,7 @@ NODE_STATE_DIR = "state-dir"
 RUN_SITE_POLICY = "simulation.site_policy"
 
 Accountant = Literal["rdp", "prv", "gdp"]
+Subgroup = Literal["sex", "age"]
 
 
 class PolicyError(ValueError):
@@ -93,6 +99,37 @@ class SitePolicy(BaseModel):
         default_factory=lambda: ["rdp", "prv"], min_length=1,
         description="Privacy accountants whose epsilon the site trusts (gdp can underestimate).",
     )
+    # Evaluation (issue 26.4): the site, not the run config, defines its subgroups and floors.
+    min_group_size: int = Field(
+        10, ge=5, description="Smallest count of patients (subgroup, table cell, bin) an evaluation reply describes.",
+    )
+    subgroups: list[Subgroup] = Field(
+        default_factory=lambda: ["sex", "age"], description="Patient attributes whose subgroups are reported.",
+    )
+    age_bands: str = Field("18,40,65", description="The site's age band edges in years (list or '18,40,65').")
+    max_evaluations_per_run: int | None = Field(
+        None, ge=0, description="Evaluations answered per run (omit: max_rounds_per_run, else 50, plus 5).",
+    )
+    max_evaluations_lifetime: int | None = Field(None, ge=0, description="Evaluations over all runs (omit: no limit).")
+
+    @field_validator("age_bands", mode="before")
+    @classmethod
+    def _age_edges(cls, value: object) -> str:
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        from federation.config.schema import parse_age_edges
+
+        try:
+            parse_age_edges(text)
+        except ValueError:
+            raise ValueError("age_bands must be at most 7 strictly increasing whole years in [1, 150]") from None
+        return text
+
+    @property
+    def evaluation_budget(self) -> int:
+        """Evaluations answered per run: ``max_evaluations_per_run``, else the round limit (or 50) plus 5."""
+        if self.max_evaluations_per_run is not None:
+            return self.max_evaluations_per_run
+        return (self.max_rounds_per_run or 50) + 5
 
     @field_validator("allowed_models")
     @classmethod

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from client.admission import Admission, admit_train_round
+from client.admission import Admission, admit_train_round, evaluation_budget_refusal
 from client.adversary import inject_fault, outgoing_weights, training_set
+from client.evaluation import EvaluationRecord, EvaluationRules, evaluation_rules, lifetime_evaluations, request_key
 from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
 from client.ledger import PrivacyLedger, check_run_name
@@ -26,7 +27,8 @@ from client.replay import save_reply, saved_reply
 from client.simulated import is_simulated_site
 from federation.config import DataConfig, ExperimentConfig
 from federation.data import DataMismatch, SiteData
-from federation.metrics.clinical import ClinicalSettings, clinical_metrics
+from federation.metrics.clinical import clinical_metrics
+from federation.metrics.disclosure import release_metrics
 from federation.models import build_model
 from federation.tasks import get_task
 from federation.training import evaluate, select_device
@@ -362,17 +364,26 @@ def _train_admitted(
 
 
 def evaluate_round(
-    *, config: ExperimentConfig, settings: SiteSettings, global_weights: Mapping[str, torch.Tensor]
+    *,
+    config: ExperimentConfig,
+    settings: SiteSettings,
+    global_weights: Mapping[str, torch.Tensor],
+    rules: EvaluationRules | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global model on this site's own test split."""
+    """Evaluate the global model on this site's own test split: only numbers that pass disclosure control.
+
+    Args:
+        config: The run config.
+        settings: The site's settings.
+        global_weights: The model to evaluate.
+        rules: Clinical settings, subgroups and floor in force (default: the run config's
+            at a simulated site, the policy defaults at a real one; see :mod:`client.evaluation`).
+    """
+    if rules is None:
+        rules = evaluation_rules(config=config, simulated=settings.simulated, policy=None)
     data = load_data(config, settings)
     model = _build(config, data, dp=False)
     model.load_state_dict(dict(global_weights))
-    task_metrics = get_task(config.data.task).site_metrics(
-        model=model, data=data, config=config, device=select_device(config.train.device))
-    if task_metrics is not None:  # the task's own aggregates (segmentation: Dice, HD95 over >= 5 cases each)
-        release_model(model)
-        return task_metrics
     result = evaluate(
         model=model,
         dataset=data.test,
@@ -380,19 +391,60 @@ def evaluate_round(
         device=select_device(config.train.device),
     )
     release_model(model)
-    metrics = {
-        "num-examples": float(result.num_examples),
-        "loss": float(result.loss),
-        "auc": float(result.auc),
-        "accuracy": float(result.accuracy),
-    }
-    # Clinical aggregates (intervals, calibration, ROC grid, suppressed subgroups); never per-patient values.
+    metrics = {"loss": float(result.loss), "auc": float(result.auc), "accuracy": float(result.accuracy)}
+    # Clinical aggregates (intervals, calibration, ROC grid, the site's subgroups); never per-patient values.
     metrics.update(
         clinical_metrics(
             labels=result.labels,
             probs=result.probs,
-            settings=ClinicalSettings.from_config(config.clinical),
-            groups=data.test_groups,
+            settings=rules.clinical,
+            groups={k: v for k, v in (data.test_groups or {}).items() if k in rules.subgroups},
         )
     )
-    return metrics
+    released = release_metrics(metrics, num_examples=int(result.num_examples),
+                               min_count=rules.clinical.min_group_size, summary=not settings.simulated)
+    return {"num-examples": float(result.num_examples), **released}
+
+
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """An evaluation's reply at a site: released metrics, or a refusal; whether it came from the cache."""
+
+    metrics: dict[str, float]
+    refusal: str | None = None
+    cached: bool = False
+    evaluations: int | None = None  # evaluations answered in this run (real sites)
+
+
+def evaluate_request(
+    *,
+    config: ExperimentConfig,
+    settings: SiteSettings,
+    global_weights: Mapping[str, torch.Tensor],
+    policy: SitePolicy | None = None,
+) -> EvaluateOutcome:
+    """Answer an evaluation request within the site's evaluation rules (:mod:`client.evaluation`).
+
+    A simulated site just evaluates. A real site answers a repeated request from its
+    cache (no budget used), refuses other clinical settings than the run's first
+    evaluation fixed and requests beyond its budget, and counts the evaluation on
+    its disk before running it.
+    """
+    rules = evaluation_rules(config=config, simulated=settings.simulated, policy=policy)
+    if not rules.limited:
+        return EvaluateOutcome(evaluate_round(config=config, settings=settings, global_weights=global_weights,
+                                              rules=rules))
+    record = EvaluationRecord.open(settings.run_state_dir)
+    key = request_key(global_weights, rules=rules, config=config)
+    if key in record.cache:
+        logger.info("site %s answers a repeated evaluation request from its cache", settings.name)
+        return EvaluateOutcome(dict(record.cache[key]), cached=True, evaluations=record.count)
+    reason = evaluation_budget_refusal(rules=rules, record=record,
+                                       lifetime_count=lifetime_evaluations(settings.state_dir))
+    if reason is not None:
+        logger.warning("site %s refuses an evaluation: %s", settings.name, reason)
+        return EvaluateOutcome({}, refusal=reason, evaluations=record.count)
+    record.reserve(rules.fingerprint())
+    metrics = evaluate_round(config=config, settings=settings, global_weights=global_weights, rules=rules)
+    record.store(key, metrics)
+    return EvaluateOutcome(metrics, evaluations=record.count)
