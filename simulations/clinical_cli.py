@@ -60,18 +60,33 @@ def _table(predictions: list[Prediction], meta: dict) -> Table:
 
 def predict_command(
     model: ModelOpt,
-    input_path: InputOpt,
+    input_path: Annotated[
+        Optional[Path], typer.Option("--input", "-i", help="A DICOM, PNG/JPEG or .npz file, or a folder of them.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV.")] = None,
     gradcam: Annotated[
         Optional[Path], typer.Option("--gradcam", help="Also write Grad-CAM overlays into this folder.")
     ] = None,
     npz_split: SplitOpt = "test",
     limit: LimitOpt = 0,
+    pacs: Annotated[
+        Optional[Path], typer.Option("--pacs", help="The site's PACS YAML: predict its cohort and store a DICOM SR "
+                                     "per series back into the PACS (research output, not for clinical use).")
+    ] = None,
+    pacs_cache: Annotated[
+        Optional[Path], typer.Option("--pacs-cache", help="Cohort cache folder (default: the YAML's cache_dir).")
+    ] = None,
 ) -> None:
     """Run a run's exported model on images, preprocessed exactly as in training."""
     from federation.inference import load_run_model, predict_inputs, write_predictions_csv  # noqa: PLC0415
     from federation.inference.predict import explain_inputs  # noqa: PLC0415
 
+    if pacs is not None:
+        _predict_pacs(model, pacs, pacs_cache, limit=limit, out=out)
+        return
+    if input_path is None:
+        _fail("give --input (files or a folder) or --pacs SITE.yaml")
+        return
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
     overlays = None
@@ -85,6 +100,34 @@ def predict_command(
         console.print(_table(predictions, meta))
     if gradcam is not None:
         console.print(f"Grad-CAM overlays → {gradcam}")
+
+
+def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int, out: Optional[Path]) -> None:
+    """``predict --pacs``: retrieve the cohort, predict each image, store one SR per series into the PACS."""
+    from federation.data.dicom.pacs import PacsError, connect, load_pacs_config, pacs_errors, sync_cohort  # noqa: PLC0415
+    from federation.data.dicom.pacs_report import default_cache_dir  # noqa: PLC0415
+    from federation.inference import predict_inputs, write_predictions_csv  # noqa: PLC0415
+    from federation.inference.writeback import cohort_reports, store_reports  # noqa: PLC0415
+
+    try:
+        config = load_pacs_config(pacs)
+        client = connect(config)
+        synced = sync_cohort(config, cache_dir=default_cache_dir(config, cache), labelled_only=False, client=client)
+    except (PacsError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    module, meta, items = _load(model, synced.cache_dir, "test", limit)
+    predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
+    reports = cohort_reports(cache_dir=synced.cache_dir, predictions=predictions, meta=meta)
+    try:
+        with pacs_errors(config, "store the research reports (STOW-RS)"):
+            store_reports(client, reports)
+    except PacsError as err:
+        _fail(str(err))
+    if out is not None:
+        write_predictions_csv(predictions, out, meta=meta)
+    console.print(f"[green]{len(reports)} research report(s)[/] (DICOM SR, not for clinical use) stored in PACS "
+                  f"{config.dicomweb_url} for {len(predictions)} image(s) of {len(synced.series)} series")
 
 
 def explain_command(

@@ -172,3 +172,53 @@ def test_orthanc_refuses_a_wrong_password(orthanc: OrthancServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         wrong.rest("/system")
     assert err.value.code == 401
+
+
+def test_predict_writes_a_research_sr_per_series_back_into_the_pacs(
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict) -> None:
+    import torch
+
+    from federation.config.schema import ModelConfig
+    from federation.inference.export import export_model
+    from federation.inference.preprocess import Preprocessing
+    from federation.models import build_model
+    from simulations.cli import app
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn"), in_channels=1, num_classes=2, dp=False)
+    exported = export_model(model=model, preprocessing=Preprocessing(image_size=28, in_channels=1),
+                            out_dir=tmp_path / "run" / "export",
+                            metadata={"run": "pacs-test", "round": 3, "num_classes": 2, "label_names": ["a", "b"],
+                                      "positive_class": 1, "threshold": 0.5, "model": {"name": "cnn"}})
+    before = len(orthanc.rest("/instances"))
+    result = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "run"), "--pacs",
+                                      str(_ct_yaml(tmp_path, orthanc, pacs)), "--pacs-cache", str(tmp_path / "cache"),
+                                      "--out", str(tmp_path / "p.csv")], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "3 research report(s)" in result.output
+    assert len(orthanc.rest("/instances")) == before + 3
+    client = _client(orthanc)
+    found = client.search_for_series(search_filters={"Modality": "SR"})
+    assert len(found) == 3
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    series_of = {e["path"]: e["series_instance_uid"] for e in manifest.values()}
+    for item in found:
+        ref = pydicom.Dataset.from_json(item)
+        sops = client.search_for_instances(ref.StudyInstanceUID, ref.SeriesInstanceUID)
+        sr = client.retrieve_instance(ref.StudyInstanceUID, ref.SeriesInstanceUID,
+                                      pydicom.Dataset.from_json(sops[0]).SOPInstanceUID)
+        assert sr.SeriesDescription == "medfed research output - NOT FOR CLINICAL USE"
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+        source = items["Source series"].TextValue
+        assert source in pacs["ct"] and sr.StudyInstanceUID == pydicom.dcmread(pacs["ct"][source][0]).StudyInstanceUID
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.SeriesInstanceUID == source
+        assert len(evidence.ReferencedSOPSequence) == len(pacs["ct"][source])
+        assert items["Notice"].TextValue == "medfed research output - NOT FOR CLINICAL USE"
+        assert items["Model SHA-256"].TextValue == exported.meta["sha256"]["model.pt2"]
+        assert items["Model name"].TextValue == "medfed cnn (pacs-test)"
+        assert items["Model version"].TextValue.startswith("round 3, medfed ")
+        expected = np.mean([float(r["p_positive"]) for r in rows if series_of[r["input"]] == source])
+        score = float(items["Probability of b"].MeasuredValueSequence[0].NumericValue)
+        assert score == pytest.approx(expected, abs=1e-5)
