@@ -9,9 +9,10 @@ a real site (issue 26.4):
   config's ``clinical.age_bands`` is ignored, its ``clinical.min_group_size`` may only
   raise the floor;
 * fixes the clinical settings (threshold, positive class, confidence, bins, floor,
-  subgroups) at the first evaluation of a run: a later request with other settings
-  is refused (``evaluation-settings``), so two evaluations cannot differ only in
-  where a threshold or band edge falls;
+  subgroups) and the choice of test patients (``data.*``, ``seed``) at the first
+  evaluation of a run: a later request with other settings is refused
+  (``evaluation-settings``), so two evaluations cannot differ only in where a
+  threshold or band edge falls, or in a few test patients;
 * answers at most ``max_evaluations_per_run`` evaluations per run and
   ``max_evaluations_lifetime`` over all runs (``evaluation-budget``);
 * answers a repeated request (same weights, same settings, same data config) from
@@ -65,13 +66,25 @@ class EvaluationRules:
     per_run: int | None = None
     lifetime: int | None = None
     limited: bool = False
+    data: str = ""
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings fixed per run at a real site (JSON-ready)."""
+        """The settings fixed per run at a real site (JSON-ready); ``data`` digests the test-set choice."""
         c = self.clinical
         return {"threshold": c.threshold, "positive_class": c.positive_class, "confidence": c.confidence,
                 "calibration_bins": c.calibration_bins, "min_group_size": c.min_group_size,
-                "age_edges": list(c.age_edges), "subgroups": list(self.subgroups)}
+                "age_edges": list(c.age_edges), "subgroups": list(self.subgroups), "data": self.data}
+
+
+def data_digest(config: ExperimentConfig) -> str:
+    """SHA-256 (16 hex) of what chooses the evaluated patients: ``data.*`` (its folder aside) and ``seed``.
+
+    Part of the settings fixed per run: otherwise two evaluations whose test splits
+    differ by a few patients (``data.dicom_test_fraction`` 0.2 and 0.21) would let
+    their difference describe those few.
+    """
+    data = config.data.model_dump(mode="json", exclude={"data_dir"})
+    return hashlib.sha256(json.dumps({"data": data, "seed": config.seed}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def evaluation_rules(*, config: ExperimentConfig, simulated: bool, policy: SitePolicy | None) -> EvaluationRules:
@@ -92,11 +105,12 @@ def evaluation_rules(*, config: ExperimentConfig, simulated: bool, policy: SiteP
     return EvaluationRules(
         clinical=replace(clinical, min_group_size=floor, age_edges=parse_age_edges(own("age_bands"))),
         subgroups=tuple(own("subgroups")), per_run=per_run, lifetime=own("max_evaluations_lifetime"), limited=True,
+        data=data_digest(config),
     )
 
 
 def request_key(weights: Mapping[str, torch.Tensor], *, rules: EvaluationRules, config: ExperimentConfig) -> str:
-    """SHA-256 of the weights (names, dtypes, shapes, bytes), the fixed settings and the data/model config."""
+    """SHA-256 of the weights (names, dtypes, shapes, bytes), the fixed settings (data included), the model config."""
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach().cpu().contiguous()

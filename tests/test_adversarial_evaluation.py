@@ -202,3 +202,12 @@ def test_the_coordinator_pools_only_what_sites_sent() -> None:
     assert pooled["sensitivity"]["note"] == "1 of 2 sites did not report it"
     assert pooled["roc-auc"]["value"] == pytest.approx((0.5 + 0.55) / 2)
     assert all(math.isnan(v) for v in summary["sites"]["b"]["counts"].values())
+
+
+def test_the_test_patients_are_fixed_for_the_run(real_site) -> None:
+    # a test split a few patients larger would make the difference of two replies describe those few
+    weights = real_site.weights(real_site.run_config())
+    _metrics(real_site.evaluate(weights=weights))
+    assert _refusal(real_site.evaluate("data.num_samples=170", weights=weights)) == (
+        "evaluation-settings: this run was first evaluated with other data; "
+        "a site fixes its clinical settings for the whole run")

@@ -3,6 +3,7 @@
 * :mod:`federation.metrics.classification` - AUC, accuracy, NaN-safe weighted means.
 * :mod:`federation.metrics.clinical` - a site's clinical report as aggregate numbers
   (operating point, intervals, calibration, ROC grid, suppressed subgroups).
+* :mod:`federation.metrics.disclosure` - what of it may leave the site (no count of fewer than k patients).
 * :mod:`federation.metrics.intervals` - Wilson and DeLong confidence intervals.
 * :mod:`federation.metrics.calibration` - reliability bins, ECE, Brier score.
 """

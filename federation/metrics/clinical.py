@@ -10,8 +10,14 @@ The task is *positive class vs rest*: P(positive) is ``probs[:, positive_class]`
 a sample is predicted positive when ``P(positive) >= threshold``. For a binary
 dataset with ``positive_class=1`` this is the usual binary task.
 
+This module computes; what may leave a site is decided after it by
+:func:`federation.metrics.disclosure.release_metrics` (no count of fewer than
+``min_group_size`` patients, nor of all but that many, in any cell, bin, ROC point or
+subgroup), which the site applies to everything below before sending it.
+
 Subgroups (sex, age bands) come from per-sample attributes the data layer exposes
-(DICOM ``PatientSex``/``PatientAge``). A subgroup smaller than ``min_group_size`` is
+(DICOM ``PatientSex``/``PatientAge``); at a real site the bands and the attributes
+are the site policy's. A subgroup smaller than ``min_group_size`` is
 *suppressed*: none of its numbers are sent. Within one attribute, when the samples
 not covered by released groups (suppressed groups plus unknown values) number
 between 1 and ``min_group_size - 1``, the smallest released group is suppressed
