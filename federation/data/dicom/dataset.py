@@ -199,3 +199,6 @@ def declared_dicom_info(config: Any) -> DatasetInfo | list[str]:
 
 def _register() -> None:
     register_dataset("dicom", load_dicom_splits, site_only=declared_dicom_info, replace=True)
+    from federation.data.dicom.volumes import _register as register_volumes  # noqa: PLC0415 - imports this module
+
+    register_volumes()
