@@ -27,6 +27,7 @@ from federation.inference.export import EXPORT_DIR, ExportedModel, export_model
 from federation.inference.preprocess import Preprocessing
 from federation.metrics.clinical import ClinicalSettings
 from federation.models import build_model, count_parameters
+from federation.tasks import get_task
 from server.clinical_report import (
     CLINICAL_DIR,
     FAIRNESS_FILE,
@@ -286,6 +287,11 @@ def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None 
         return None if exported is None else exported.directory
 
     outputs.produce(EXPORT_OUTPUT, export)
+    skipped = get_task(config.data.task).reports_skipped_reason  # segmentation: not adapted yet
+    if skipped is not None:
+        outputs.skip(REPORT_OUTPUT, skipped)
+        outputs.skip(CARD_OUTPUT, skipped)
+        return outputs
     outputs.produce(REPORT_OUTPUT, lambda: write_clinical_report(run, config=config))
     outputs.produce(CARD_OUTPUT, lambda: list(write_model_card(run, config)))
     return outputs

@@ -77,6 +77,12 @@ class RunOutputs:
         self.save()
         return paths
 
+    def skip(self, name: str, reason: str) -> None:
+        """Record that output ``name`` does not apply to this run, and why (logged; not a failure)."""
+        logger.info("%s of run %s skipped: %s", name, self.run_dir, reason)
+        self.entries[name] = {"ok": True, "paths": [], "skipped": reason}
+        self.save()
+
     def fail(self, name: str, reason: str) -> None:
         """Record that output ``name`` could not be written, and why."""
         self.entries[name] = {"ok": False, "reason": reason}

@@ -22,8 +22,9 @@ from client.site_cli import site_app
 from dashboard.cli import register_dashboard_commands
 from deploy.cli import deploy_app
 from federation.config import ConfigError, to_yaml, valid_keys
+from federation.tasks import get_task
 from server.run_outputs import RunOutputs
-from simulations.clinical_cli import announce_outputs, register_clinical_commands, simulation_gallery
+from simulations.clinical_cli import GALLERY_OUTPUT, announce_outputs, register_clinical_commands, simulation_gallery
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate, start_simulation
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
@@ -128,8 +129,13 @@ def simulate_command(
     # the ServerApp recorded the export, clinical report and model card in outputs.json; the harness's own follow
     outputs = RunOutputs.load(run_dir)
     plots = outputs.produce("plots", lambda: write_plots(run_dir))
-    simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
-    outputs.produce("research report", lambda: after_simulate(run_dir, baselines=baselines, plots=plots))
+    skipped = get_task(resolved.data.task).reports_skipped_reason  # segmentation: not adapted yet
+    if skipped is not None:
+        outputs.skip(GALLERY_OUTPUT, skipped)
+        outputs.skip("research report", skipped)
+    else:
+        simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
+        outputs.produce("research report", lambda: after_simulate(run_dir, baselines=baselines, plots=plots))
     console.print(f"[green]done[/] → {run_dir}")
     announce_outputs(outputs, exit_on_failure=False)  # only files that exist are named
     failure = failure_reason(run_dir)

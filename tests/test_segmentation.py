@@ -151,6 +151,9 @@ def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]  # the initial model is evaluated too
     assert summary["best_global_dice"] == max(r["global"]["dice"] for r in rounds)
+    outputs = json.loads((run_dir / "outputs.json").read_text())  # classification reports: skipped, named why
+    assert outputs["clinical report"]["skipped"].startswith("not adapted to data.task=segmentation yet")
+    assert outputs["model card"]["ok"] and "reason" not in outputs["model card"]
     evaluated = [row for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
                  if row["phase"] == "evaluate"]
     assert {row["site"] for row in evaluated} == {"site-1", "site-2"}

@@ -23,12 +23,21 @@ class Task(ABC):
         headline: The metric that ranks rounds and runs (``auc``, ``dice``): summaries
             report ``best_global_<headline>``, plots and tables show it first.
         clinical_reports: Whether the classification clinical report and model card
-            (:mod:`server.clinical_report`) apply to its runs.
+            (:mod:`server.clinical_report`), the Grad-CAM gallery and the research
+            report apply to its runs; where not, they are skipped with
+            :attr:`reports_skipped_reason` (recorded, not a failure).
     """
 
     name: ClassVar[str] = ""
     headline: ClassVar[str] = ""
     clinical_reports: ClassVar[bool] = False
+
+    @property
+    def reports_skipped_reason(self) -> str | None:
+        """Why the classification reports are skipped for this task's runs (None: they are written)."""
+        if self.clinical_reports:
+            return None
+        return f"not adapted to data.task={self.name} yet (it assumes a classifier's class probabilities)"
 
     @abstractmethod
     def targets(self, *, labels: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
