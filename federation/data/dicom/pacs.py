@@ -214,7 +214,11 @@ def connect(config: PacsConfig) -> Any:
     session = requests.Session()
     if config.username:
         session.auth = (config.username, config.password())
-    return DICOMwebClient(config.dicomweb_url, session=session, timeout=config.timeout_s)
+    client = DICOMwebClient(config.dicomweb_url, session=session, timeout=config.timeout_s)
+    # one quick retry (busy PACS, dropped connection), not dicomweb-client's five with 1-16 s back-off:
+    # an unreachable PACS is reported in well under a second
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=200)
+    return client
 
 
 def _values(item: dict) -> dict[str, str]:
