@@ -227,3 +227,22 @@ def test_nifti_folder_checks_set_bad_cases_aside_and_keep_the_rest(tmp_path: Pat
     splits = load_nifti_folder(config=config.data, data_dir=tmp_path, seed=0)
     assert (len(splits.train_labels), len(splits.test_labels)) == (2, 1)
     assert splits.label_names == ("bg", "a", "b") and splits.num_classes == 3
+
+
+def test_dp_sgd_trains_a_unet_with_per_image_clipping_and_accounts_every_step() -> None:
+    from federation.privacy import SitePrivacy
+    from federation.training import train_local
+
+    config = _seg_config("privacy.enabled=true", "data.num_samples=40", "train.batch_size=8", "train.optimizer=sgd",
+                         "train.lr=0.1", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=1000")
+    site = load_site_data(config.data, seed=0, site_index=0)
+    torch.manual_seed(0)
+    model = build_model(config.model, in_channels=1, num_classes=2, spatial_dims=2, dp=True, task="segmentation")
+    before = [p.detach().clone() for p in model.parameters()]
+    privacy = SitePrivacy(config=config.privacy, num_examples=len(site.train), batch_size=8, local_epochs=1,
+                          planned_rounds=1)
+    result = train_local(model=model, dataset=site.train, config=config.train, privacy=privacy, seed=0,
+                         task="segmentation", noise_source="seeded")
+    assert result.steps == privacy.steps_per_round == privacy.total_steps and result.epsilon > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "_norm_sample") for p in model.parameters())
