@@ -83,7 +83,7 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
         content["status"] = ConfigRecord({"refused": outcome.refusal})
         return check_reply(content, allowed_metrics=())
     content["metrics"] = MetricRecord(outcome.metrics)
-    return check_reply(content, allowed_metrics=evaluate_metrics(config.data.task))
+    return check_reply(content, allowed_metrics=evaluate_metrics(config.data.task), count_floors=not settings.simulated)
 
 
 @app.train()

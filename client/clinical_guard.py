@@ -52,7 +52,7 @@ def group_size_problems(metrics: Mapping[str, object], *, floor: int = GROUP_SIZ
         metrics: A MetricRecord's items.
         floor: Smallest group size allowed to leave.
     """
-    problems = count_problems(metrics, floor=floor)
+    problems = []
     for name in metrics:
         for pattern, size_key in ((_GROUP_NAME, "grp-{group}-n"), (_BIN_NAME, "rel-bin-{bin}-n")):
             match = pattern.match(name)

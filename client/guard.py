@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.clinical_guard import CLINICAL_METRICS, case_count_problems, group_size_problems
+from client.clinical_guard import CLINICAL_METRICS, case_count_problems, count_problems, group_size_problems
 from federation.compression import transfer_layout
 from federation.training.results import TRAIN_METRICS as _TRAIN_METRIC_NAMES
 from federation.training.results import UNPRIVATIZED_TRAIN_METRICS
@@ -145,6 +145,7 @@ def check_reply(
     parameter_names: Iterable[str] = (),
     parameter_shapes: Mapping[str, Sequence[int]] | None = None,
     transfer_dtype: str = "fp32",
+    count_floors: bool = True,
 ) -> RecordDict:
     """Raise :class:`OutboundViolation` unless ``content`` holds only allowed items.
 
@@ -158,6 +159,9 @@ def check_reply(
         transfer_dtype: With ``fp16``/``int8`` (``train.transfer_dtype``) the
             ArrayRecord must instead hold exactly the quantized update that
             :func:`federation.compression.transfer_layout` describes.
+        count_floors: Also check that no metric gives away a count of fewer than 5
+            patients (:func:`client.clinical_guard.count_problems`); False only for a
+            simulated site's evaluation (research, no patients under a coordinator's threat).
 
     Returns:
         ``content`` unchanged, for chaining.
@@ -174,6 +178,7 @@ def check_reply(
                 if not isinstance(value, (int, float)):
                     raise OutboundViolation(f"metric {name!r} is not a single number")
             small = group_size_problems(dict(record.items())) + case_count_problems(dict(record.items()))
+            small += count_problems(dict(record.items())) if count_floors else []
             if small:
                 raise OutboundViolation(f"metric record would single out small groups: {small[:3]}")
         elif isinstance(record, ArrayRecord):

@@ -370,7 +370,7 @@ def evaluate_round(
     global_weights: Mapping[str, torch.Tensor],
     rules: EvaluationRules | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global model on this site's own test split: only numbers that pass disclosure control.
+    """Evaluate the global model on this site's own test split (at a real site: after disclosure control).
 
     Args:
         config: The run config.
@@ -401,9 +401,10 @@ def evaluate_round(
             groups={k: v for k, v in (data.test_groups or {}).items() if k in rules.subgroups},
         )
     )
-    released = release_metrics(metrics, num_examples=int(result.num_examples),
-                               min_count=rules.clinical.min_group_size, summary=not settings.simulated)
-    return {"num-examples": float(result.num_examples), **released}
+    if not settings.simulated:  # a real site: no count of fewer than k patients leaves (federation.metrics.disclosure)
+        metrics = release_metrics(metrics, num_examples=int(result.num_examples),
+                                  min_count=rules.clinical.min_group_size)
+    return {"num-examples": float(result.num_examples), **metrics}
 
 
 @dataclass(frozen=True)

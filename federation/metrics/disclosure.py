@@ -27,6 +27,10 @@ evaluations of different weights; the site bounds that with a per-run evaluation
 budget, a cache of identical requests and clinical settings fixed per run
 (``client/evaluation.py``). The outbound guard (``client/clinical_guard.py``) checks
 the same floors again, independently of this code.
+
+A real site applies this to every evaluation reply. A simulated site does not (its
+"patients" are the coordinator's own data, and research needs the exact numbers at
+any size); it keeps the subgroup suppression of :mod:`federation.metrics.clinical`.
 """
 
 from __future__ import annotations
@@ -154,18 +158,13 @@ def _groups(out: dict[str, float], *, n: int, pos: int, site: Cells | None, k: i
                 _drop(out, f"grp-{g}-", _GROUP_TABLE_RATES)
 
 
-def release_metrics(
-    metrics: Mapping[str, float], *, num_examples: int, min_count: int, summary: bool = True
-) -> dict[str, float]:
+def release_metrics(metrics: Mapping[str, float], *, num_examples: int, min_count: int) -> dict[str, float]:
     """The subset of a site's evaluation ``metrics`` that may leave it (rules in the module docstring).
 
     Args:
         metrics: ``clinical_metrics`` output, optionally with ``accuracy``/``auc``/``loss``.
         num_examples: Test samples the metrics describe.
         min_count: The site's smallest releasable count (raised to :data:`COUNT_FLOOR`).
-        summary: Also floor the summary ``accuracy`` (a count of correct predictions) and
-            ``auc`` (needs k of each class); False leaves them as they are (simulated sites,
-            whose learning curves need them at any size).
 
     Returns:
         A new dict: ``metrics`` without every number that would describe fewer than k patients.
@@ -177,10 +176,10 @@ def release_metrics(
     labels_ok = count_ok(pos, n, k)
     cells = tuple(int(_finite(out, c)) if math.isfinite(_finite(out, c)) else -1 for c in _CELLS)
     site_table = labels_ok and min(cells) >= 0 and table_ok(cells, k)  # type: ignore[arg-type]
-    if summary and "accuracy" in out and not count_ok(_count(_finite(out, "accuracy") * n), n, k):
+    if "accuracy" in out and not count_ok(_count(_finite(out, "accuracy") * n), n, k):  # a count of correct ones
         del out["accuracy"]
     if not labels_ok:
-        for key in ("n-pos", "auc") if summary else ("n-pos",):
+        for key in ("n-pos", "auc"):
             out.pop(key, None)
         _drop(out, "", ("roc-auc",))
     if not site_table:
