@@ -1,7 +1,8 @@
 """Is this site simulated? Decided from the process the ClientApp runs in, never from config.
 
-One rule: a site is simulated only when its ClientApp runs inside a simulation
-engine. Both simulation engines medfed runs on (its own harness,
+One rule (:func:`is_simulated_site`): a site is simulated only when its ClientApp
+runs inside a simulation engine and its node config has no ``state-dir`` (a
+hospital's own disk, which only ever makes a site more real). Both simulation engines medfed runs on (its own harness,
 :mod:`simulations.engine`, and Flower's simulation runtime behind ``flwr run .``
 on a local SuperLink) call the ClientApp inside a worker of Flower's Ray actor
 pool (``flwr.simulation.ray_transport.ray_actor.ClientAppActor``). A deployed
@@ -9,7 +10,9 @@ SuperNode runs its ClientApp in a process of its own (``flwr-clientapp``, or in
 the SuperNode's process), never in a Ray actor, so it is never taken for
 simulated: not because of what its node config holds or lacks (``partition-id``,
 ``site-name``), nor because of any run-config key or environment variable, all
-of which a coordinator or an operator's mistake could set.
+of which a coordinator or an operator's mistake could set. (So medfed's engine
+needs no marker of its own: the actor pool it shares with ``flwr run .`` is the mark,
+and an environment variable could be inherited by, or copied into, a SuperNode.)
 
 What depends on it: a simulated site may take its paths and policy from the run
 config (one run config serves every virtual node) and obeys the ``attack.*`` and
