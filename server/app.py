@@ -9,6 +9,7 @@ evaluation only in the rounds ``server.eval_every`` selects, and always the last
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -61,13 +62,18 @@ def _open_run(config: ExperimentConfig) -> RunDirectory:
     return RunDirectory.resume(config) if config.server.resume else RunDirectory.create(config)
 
 
-def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
+#: Written to the run directory when model.init loaded weights (read by the model card).
+INIT_FILE = "init.json"
+
+
+def _initial_model(config: ExperimentConfig, run: RunDirectory | None = None) -> torch.nn.Module:
+    """Round 0's global model: fresh (seeded), then ``model.init``'s weights when set (reported in ``init.json``)."""
     info = dataset_info(config.data)
     if config.clinical.positive_class >= info.num_classes:  # sites would fail every evaluation
         raise ConfigError([f"clinical.positive_class: {config.clinical.positive_class} is not a class of "
                            f"{config.data.dataset} (0..{info.num_classes - 1})"], source="run config")
     torch.manual_seed(config.seed)
-    return build_model(
+    model = build_model(
         config.model,
         in_channels=info.in_channels,
         num_classes=info.num_classes,
@@ -75,6 +81,19 @@ def _initial_model(config: ExperimentConfig) -> torch.nn.Module:
         dp=config.privacy.enabled,
         task=config.data.task,
     )
+    # train.trainable and train.augment fail here, before any site starts, rather than at every site
+    from federation.data.augment import parse_augment  # noqa: PLC0415
+    from federation.training.trainable import trainable_names  # noqa: PLC0415
+
+    parse_augment(config.train.augment)
+    trainable_names(model, config.train.trainable)
+    if config.model.init:  # pretrained weights: only the coordinator reads them, sites get round 0's model
+        from federation.models.init import load_init  # noqa: PLC0415
+
+        report = load_init(model, source=config.model.init, model_name=config.model.name)
+        if run is not None:
+            (run.path / INIT_FILE).write_text(json.dumps(report.as_dict(), indent=2))
+    return model
 
 
 def _central_evaluation(config: ExperimentConfig, model: torch.nn.Module) -> CentralEvaluation | None:
@@ -101,10 +120,12 @@ def _round_end_hook(
     tracker: RunTracker | None = None,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """Build the ``evaluate_fn`` that ``Strategy.start()`` calls after every round (``due``: evaluated rounds)."""
+    # a run resumed before its first checkpoint (killed in round 1) has its round 0 recorded already
+    recorded_start = recorder.round_offset > 0 or any(r.get("round") == 0 for r in run.rounds())
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = recorder.true_round(server_round)
-        if server_round == 0 and recorder.round_offset > 0:
+        if server_round == 0 and recorded_start:
             return None  # round 0 of a resumed run was recorded by the first process
         global_metrics: dict[str, float] = {}
         if central is not None and due(rnd):
@@ -186,7 +207,7 @@ def run_federation(*, grid: Grid, config: ExperimentConfig) -> Path:
     if problems:
         raise ConfigError(problems, source="run config")
     run = _open_run(config)
-    model = _initial_model(config)
+    model = _initial_model(config, run)
     arrays = ArrayRecord(model.state_dict())
     strategy = with_transfer_decoding(  # sites may send quantized updates (train.transfer_dtype)
         with_central_dp(  # central DP (central_dp.*), off by default

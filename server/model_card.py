@@ -167,7 +167,18 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
         "software": {"versions": _versions(), "git_commit": _git_commit()},
         "config": config.model_dump(),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "init": _init_facts(run_dir),
     }
+
+
+def _init_facts(run_dir: Path) -> dict[str, Any] | None:
+    """Where round 0's weights came from (``init.json``, written when ``model.init`` loaded them), or None."""
+    path = run_dir / "init.json"  # server.app.INIT_FILE (server.app imports this module)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    keys = ("source", "path", "origin", "sha256", "counts", "mismatched")
+    return {k: data.get(k) for k in keys}
 
 
 _ci = fmt_interval  # "n/a (<reason>)" where a metric cannot exist, as in the clinical report
@@ -214,6 +225,12 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         f"Strategy `{card['strategy']['name']}` ({params}).", "",
         _dp_line(p),
     ]
+    init = card.get("init")
+    if init:
+        counts = init.get("counts") or {}
+        lines += ["", f"Initial weights (`model.init`): {init['origin']} `{init['source']}`, SHA-256 {init['sha256']}; "
+                  f"{counts.get('loaded', 0)} tensors loaded, {counts.get('mismatched', 0)} re-initialised "
+                  f"(shape differs), {counts.get('missing', 0)} not in the file."]
     if p["final_per_site"]:
         lines += ["", "| site | final ε | δ | after round |", "|---|---|---|---|"]
         lines += [f"| {s} | {_num(v['epsilon'])} | {v['delta']} | {v['round']} |"

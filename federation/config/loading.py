@@ -162,10 +162,11 @@ def validate_config(tree: Mapping[str, Any], *, source: str = "config") -> Exper
 def cross_field_problems(config: ExperimentConfig) -> list[str]:
     """Checks that span several sections."""
     problems = []
-    if config.privacy.enabled and config.model.norm == "batch":
+    if config.privacy.enabled and config.model.norm == "batch" and config.model.batchnorm == "keep":
         problems.append(
             "model.norm: 'batch' cannot be used with privacy.enabled=true "
-            "(DP-SGD needs per-sample gradients); allowed: 'group', 'instance'"
+            "(DP-SGD needs per-sample gradients); allowed: 'group', 'instance', or 'batch' with "
+            "model.batchnorm=frozen|group (pretrained BatchNorm made DP-compatible)"
         )
     if config.strategy.min_sites > config.data.num_sites:
         problems.append(

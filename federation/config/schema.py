@@ -55,6 +55,10 @@ class DataConfig(_Section):
         "all", description="site_shift=acquisition: blur,downsample,gamma,contrast,bias,noise (comma list) or all."
     )
     min_site_size: int = Field(2, ge=1, description="Smallest number of training samples a site may hold.")
+    public_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of the pooled training images declared public: held out of every "
+        "site, for central pretraining (medfed pretrain)."
+    )
     max_train_samples: int = Field(0, ge=0, description="Cap on the pooled training set (0 = all).")
     max_test_samples: int = Field(0, ge=0, description="Cap on the pooled test set (0 = all).")
     num_samples: int = Field(1200, ge=8, description="Synthetic dataset only: total images generated.")
@@ -125,6 +129,14 @@ class ModelConfig(_Section):
     )
     width: int = Field(16, ge=1, le=512, description="Channels of the first block (cnn only).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    init: str = Field(
+        "", description="Round 0's weights: a state_dict file, a medfed run directory (its export/model_state.pt), a "
+        "MONAI/torchvision checkpoint of the same net, or 'imagenet' (empty = random; federation.models.init)."
+    )
+    batchnorm: Literal["keep", "frozen", "group"] = Field(
+        "keep", description="norm=batch: keep BatchNorm (no DP), or make it DP-compatible: 'frozen' folds the "
+        "(pretrained) statistics into a frozen per-channel affine, 'group' GroupNorm with the BN affine."
+    )
 
 
 class TrainConfig(_Section):
@@ -148,6 +160,17 @@ class TrainConfig(_Section):
     num_threads: int = Field(0, ge=0, description="torch CPU threads per site (0 = leave torch's default).")
     transfer_dtype: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="Update a site sends: fp32 weights, or its change quantized to fp16 / int8 (server decodes)."
+    )
+    trainable: str = Field(
+        "all", description="Parameters that train: all, head, last-N (the last N stages and the head), or fnmatch "
+        "patterns of parameter names, comma separated; the others stay frozen (and are not noised under DP)."
+    )
+    augment: str = Field(
+        "none", description="On-the-fly augmentation at the site: none, light, strong, or registered transforms with "
+        "parameters, e.g. 'flip(p=0.5),rotate90(p=0.5)' (federation.data.augment; image and mask together)."
+    )
+    local_norm: bool = Field(
+        False, description="FedBN: norm-layer parameters stay at each site, never sent nor aggregated."
     )
 
 

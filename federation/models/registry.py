@@ -19,6 +19,7 @@ from torch import nn
 from federation.config.loading import ConfigError
 from federation.config.schema import ModelConfig
 from federation.models import cnn, densenet, logreg, resnet, unet
+from federation.models.convert import convert_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,14 @@ def dp_problems(model: nn.Module, *, max_names: int = 5) -> list[str]:
 
 _BATCH_NORM_UNDER_DP = (
     "model.norm: 'batch' cannot be used with differential privacy (BatchNorm mixes samples "
-    "within a batch, so per-sample gradients are undefined); use 'group' or 'instance'"
+    "within a batch, so per-sample gradients are undefined); use 'group' or 'instance', or keep pretrained "
+    "BatchNorm statistics with model.batchnorm=frozen (or group)"
 )
+
+
+def _batchnorm_under_dp(config: ModelConfig) -> bool:
+    """Whether ``config`` trains real BatchNorm layers (refused under DP; model.batchnorm converts them)."""
+    return config.norm == "batch" and getattr(config, "batchnorm", "keep") == "keep"
 
 
 def check_dp_compatible(model: nn.Module, config: ModelConfig) -> None:
@@ -188,7 +195,7 @@ def check_dp_compatible(model: nn.Module, config: ModelConfig) -> None:
     Raises:
         ConfigError: (a ``ValueError``) listing every problem (see :func:`dp_problems`).
     """
-    if config.norm == "batch":
+    if _batchnorm_under_dp(config):
         raise ConfigError([_BATCH_NORM_UNDER_DP], source="model config")
     errors = dp_problems(model)
     if errors:
@@ -235,7 +242,7 @@ def build_model(
     """
     entry = _entry(config.name)
     problems: list[str] = []
-    if dp and config.norm == "batch":
+    if dp and _batchnorm_under_dp(config):
         problems.append(_BATCH_NORM_UNDER_DP)
     if spatial_dims not in entry.spatial_dims:
         kinds = {0: "tabular features", 2: "2-D images", 3: "3-D volumes"}
@@ -257,6 +264,8 @@ def build_model(
         raise ConfigError(problems, source="model config")
 
     model = entry.builder(config=config, in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims)
+    if config.norm == "batch":  # model.batchnorm: frozen / group make BatchNorm DP-compatible (models.convert)
+        model = convert_batchnorm(model, mode=getattr(config, "batchnorm", "keep"))
     if dp:
         check_dp_compatible(model, config)
     logger.debug(

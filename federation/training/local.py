@@ -41,6 +41,7 @@ from federation.tasks.base import Task
 from federation.training.batches import split_batch
 from federation.training.device import seed_everything, select_device, set_threads, tune_cpu_allocator, use_amp
 from federation.training.results import TrainResult
+from federation.training.trainable import apply_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def _train_step(
     private: bool,
     tally: _Tally,
     task: Task,
+    augment: _Augmenter | None = None,
 ) -> None:
     """One optimizer step; an empty Poisson batch under DP becomes a noise-only step."""
     optimizer.zero_grad(set_to_none=True)
@@ -156,6 +158,8 @@ def _train_step(
     images, labels = split_batch(batch)
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
+    if augment is not None:  # train.augment: per-sample draws, masks move with their images
+        images, labels = augment(images, labels)
     ghost = private and uses_clipped_backward(model)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with autocast:
@@ -187,6 +191,7 @@ def _run_steps(
     private: bool,
     proximal: _Proximal | None,
     task: Task,
+    augment: _Augmenter | None = None,
 ) -> _Tally:
     """Take exactly ``steps`` optimizer steps over endlessly repeated ``loader`` batches."""
     tally = _Tally()
@@ -194,10 +199,28 @@ def _run_steps(
     while tally.steps < steps:
         before = tally.steps
         _train_step(model=model, optimizer=optimizer, batch=next(batches), device=device,
-                    amp=amp, private=private, tally=tally, task=task)
+                    amp=amp, private=private, tally=tally, task=task, augment=augment)
         if proximal is not None and tally.steps > before:
             proximal.apply()
     return tally
+
+
+class _Augmenter:
+    """``train.augment`` with its generator: one per round, seeded like the round (secret at a real DP site)."""
+
+    def __init__(self, spec: str, *, seed: int) -> None:
+        from federation.data.augment import parse_augment  # noqa: PLC0415
+
+        self._augmentation = parse_augment(spec)
+        self._generator = torch.Generator().manual_seed(int(seed))
+
+    def __bool__(self) -> bool:
+        return bool(self._augmentation)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = targets if targets.ndim > 1 else None  # segmentation: the label maps move with the images
+        images, moved = self._augmentation(images, masks, generator=self._generator)
+        return images, (moved if masks is not None else targets)
 
 
 def _check_privacy_matches(privacy: SitePrivacy, *, num_examples: int, config: TrainConfig) -> None:
@@ -222,6 +245,7 @@ def _train_private(
     device: torch.device,
     proximal: _Proximal | None,
     task: Task,
+    augment: _Augmenter | None = None,
 ) -> _Tally:
     """DP-SGD for ``privacy.steps_per_round`` steps; checks the accountant saw every step.
 
@@ -235,7 +259,7 @@ def _train_private(
     try:
         tally = _run_steps(model=dp_model, optimizer=dp_optimizer, loader=dp_loader,
                            steps=privacy.steps_per_round, device=device, amp=False,
-                           private=True, proximal=proximal, task=task)
+                           private=True, proximal=proximal, task=task, augment=augment)
     finally:
         unwrap_model(dp_model)
     recorded = privacy.total_steps - before
@@ -254,6 +278,7 @@ def _train_plain(
     device: torch.device,
     proximal: _Proximal | None,
     task: Task,
+    augment: _Augmenter | None = None,
 ) -> _Tally:
     """Non-private training: shuffled batches, bf16 autocast on CUDA when configured."""
     num_examples = len(dataset)  # type: ignore[arg-type]
@@ -268,7 +293,7 @@ def _train_plain(
     )
     amp = use_amp(device=device, requested=config.amp, private=False)
     return _run_steps(model=model, optimizer=optimizer, loader=loader, steps=steps, device=device,
-                      amp=amp, private=False, proximal=proximal, task=task)
+                      amp=amp, private=False, proximal=proximal, task=task, augment=augment)
 
 
 def train_local(
@@ -352,17 +377,19 @@ def train_local(
     was_training = model.training
     model.to(device)
     model.train()
+    apply_trainable(model, getattr(config, "trainable", "all"))  # frozen: not optimized, clipped nor noised
     params = _trainable(model)
     optimizer = _make_optimizer(params, config)
     proximal = _Proximal(params, lr=config.lr, mu=proximal_mu) if proximal_mu > 0 else None
+    augment = _Augmenter(getattr(config, "augment", "none"), seed=round_seed) or None
     try:
         if privacy is None:
             tally = _train_plain(model=model, optimizer=optimizer, dataset=dataset, config=config,
-                                 seed=round_seed, device=device, proximal=proximal, task=task)
+                                 seed=round_seed, device=device, proximal=proximal, task=task, augment=augment)
         else:
             tally = _train_private(model=model, optimizer=optimizer, dataset=dataset, config=config,
                                    privacy=privacy, seed=None if secure else round_seed, device=device,
-                                   proximal=proximal, task=task)
+                                   proximal=proximal, task=task, augment=augment)
     finally:
         model.train(was_training)
     return _result(tally=tally, num_examples=num_examples, privacy=privacy, started=started)
