@@ -64,6 +64,8 @@ REFUSAL_CODES: dict[str, str] = {
     "run-budget": "the run's own epsilon budget (privacy.target_epsilon) would be exceeded",
     "lifetime-epsilon": "the site's lifetime epsilon (policy lifetime_epsilon) would be exceeded",
     "lifetime-delta": "the site's lifetime delta (policy lifetime_delta) would be exceeded",
+    "delta-too-high": "privacy.target_delta is above 1/n of the site's training set or the policy's max_delta",
+    "ledger-damaged": "the site's privacy ledger does not load; it trains no more until its operator restores it",
     "ledger-mismatch": "the run's accountant holds less epsilon than the site's ledger records",
     "model-not-allowed": "model.name is not in the policy's allowed_models",
     "strategy-not-allowed": "strategy.name is not in the policy's allowed_strategies",

@@ -21,7 +21,7 @@ from client.adversary import inject_fault, outgoing_weights, training_set
 from client.evaluation import EvaluationRecord, EvaluationRules, evaluation_rules, lifetime_evaluations, request_key
 from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
-from client.ledger import PrivacyLedger, check_run_name
+from client.ledger import LedgerError, PrivacyLedger, check_run_name
 from client.policy import NODE_POLICY, SitePolicy  # noqa: F401  (a node-config key)
 from client.replay import save_reply, saved_reply
 from client.simulated import is_simulated_site
@@ -295,7 +295,13 @@ def train_round(
     try:
         model.load_state_dict(dict(global_weights))
         privacy = load_privacy(config, settings, num_examples=len(data.train))
-        ledger = PrivacyLedger.open(settings.state_dir)
+        try:
+            ledger = PrivacyLedger.open(settings.state_dir)
+        except LedgerError as damaged:  # kept as it is; the operator restores it (the error says how)
+            logger.error("site %s refuses round %d: %s", settings.name, server_round, damaged)
+            return TrainOutcome(weights=None, metrics={}, refusal=refusal(
+                "ledger-damaged", "the site's privacy ledger does not load; the site trains no more until "
+                "its operator restores it (details in the site's own log)"))
         admission = admit_train_round(
             policy=policy, ledger=ledger, config=config, privacy=privacy, run=settings.run_name,
             server_round=server_round, run_id=run_id,
