@@ -26,6 +26,7 @@ from federation.tasks import get_task
 from server.run_outputs import RunOutputs
 from simulations.clinical_cli import GALLERY_OUTPUT, announce_outputs, register_clinical_commands, simulation_gallery
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate, start_simulation
+from simulations.pretrain import register_pretrain_command
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
 from simulations.sweep import failure_reason
@@ -40,6 +41,7 @@ console = Console()
 app.add_typer(site_app, name="site", help="Hospital-side tools: check a DICOM site folder, make a demo site.")
 register_clinical_commands(app)  # medfed predict / explain / clinical-report
 register_research_commands(app)  # medfed sweep / report / baselines
+register_pretrain_command(app)  # medfed pretrain: central, no DP, on data.public_fraction (model.init)
 app.add_typer(certs_app, name="certs")  # consortium CA, SuperLink certificate, site keys
 app.add_typer(deploy_app, name="deploy")  # SuperLink, Fleet-only proxy, SuperNodes
 register_dashboard_commands(app, site_app)  # medfed dashboard, medfed site dashboard (live, read-only)

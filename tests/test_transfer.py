@@ -246,3 +246,28 @@ def test_trainable_forms_select_the_expected_parameters() -> None:
         trainable_names(cnn, "last-9")
     with pytest.raises(ConfigError, match="matches no parameter"):
         trainable_names(cnn, "decoder.*")
+
+
+def test_the_public_slice_is_held_out_of_every_site_and_pretrain_writes_an_init(tmp_path: Path) -> None:
+    from federation.data import load_dataset
+    from federation.data.public import load_public
+    from simulations.harness import resolve_config
+    from simulations.pretrain import PRETRAIN_FILE, pretrain
+
+    config = resolve_config(overrides=["data.num_samples=120", "data.public_fraction=0.25", "model.width=4",
+                                       "train.batch_size=16"])
+    public = load_public(config.data, seed=config.seed)
+    private = load_dataset(config.data, seed=config.seed)
+    full = load_dataset(config.data.model_copy(update={"public_fraction": 0.0}), seed=config.seed)
+    assert len(public) == round(0.25 * len(full.train_labels)) and len(public) + len(private.train_labels) == \
+        len(full.train_labels)
+    seen = {row.tobytes() for row in private.train_images}
+    assert not any(img.numpy().tobytes() in seen for img, _ in public)  # no site holds a public image
+    path = pretrain(config, out_dir=tmp_path / "pre", epochs=1)
+    facts = json.loads((tmp_path / "pre" / PRETRAIN_FILE).read_text())
+    assert facts["public_examples"] == len(public) and set(facts["central_test"]) >= {"auc", "loss"}
+    model = _cnn()
+    report = load_init(model, source=str(tmp_path / "pre"), model_name="cnn")
+    assert report.path == str(path.resolve()) and report.mismatched == {} and report.missing == []
+    with pytest.raises(ValueError, match="exists; choose another --out"):
+        pretrain(config, out_dir=tmp_path / "pre", epochs=1)

@@ -462,6 +462,12 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
         train_images, train_labels = train_images[idx], train_labels[idx]
         train_sites = train_sites[idx] if train_sites is not None else None
         train_masks = train_masks[idx] if train_masks is not None else None
+    if config.public_fraction > 0:  # data declared public: held out of every site (medfed pretrain trains on it)
+        public = public_indices(train_labels, fraction=config.public_fraction, seed=seed)
+        keep = np.setdiff1d(np.arange(len(train_labels)), public)
+        train_images, train_labels = train_images[keep], train_labels[keep]
+        train_sites = train_sites[keep] if train_sites is not None else None
+        train_masks = train_masks[keep] if train_masks is not None else None
     if 0 < config.max_test_samples < len(test_labels):
         idx = stratified_subset(test_labels, n=config.max_test_samples, seed=_derive_seed(seed, 12))
         test_images, test_labels = test_images[idx], test_labels[idx]
@@ -515,6 +521,18 @@ def _load_cached(config_json: str, seed: int) -> DatasetSplits:
 def _derive_seed(seed: int, stream: int) -> int:
     """Derive an independent 63-bit seed from ``seed`` for a numbered purpose."""
     return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def public_indices(labels: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
+    """The training indices ``data.public_fraction`` declares public (stratified, seeded; before the split to sites).
+
+    Args:
+        labels: The pooled training labels (after ``data.max_train_samples``).
+        fraction: ``data.public_fraction``, in (0, 1).
+        seed: Experiment seed.
+    """
+    n = min(len(labels) - 1, max(1, round(fraction * len(labels))))
+    return stratified_subset(labels, n=n, seed=_derive_seed(seed, 13))
 
 
 def stratified_subset(labels: np.ndarray, *, n: int, seed: int) -> np.ndarray:
