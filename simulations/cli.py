@@ -29,7 +29,7 @@ from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulat
 from simulations.pretrain import register_pretrain_command
 from simulations.research_cli import after_simulate, register_research_commands
 from simulations.report import round_table, write_plots
-from simulations.sweep import failure_reason
+from simulations.sweep_spec import failure_reason
 
 app = typer.Typer(
     name="medfed",

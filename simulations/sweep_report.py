@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.sweep import NO_DP, SweepSpec, collect, failed_runs
+from simulations.sweep_spec import NO_DP, SweepSpec, collect, failed_runs
 
 logger = logging.getLogger(__name__)
 
