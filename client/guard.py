@@ -76,8 +76,6 @@ REFUSAL_CODES: dict[str, str] = {
     "clipping-too-high": "privacy.max_grad_norm is above the policy's max_grad_norm",
     "evaluation-budget": "the run's (or the site's lifetime) evaluations reached the policy's maximum",
     "evaluation-settings": "the clinical settings differ from those the run's first evaluation fixed",
-    "evaluation-budget": "the run's (or the site's lifetime) evaluations reached the policy's maximum",
-    "evaluation-settings": "the clinical settings differ from those the run's first evaluation fixed",
     "secagg-required": "the site's policy requires secure aggregation (require_secagg) and the round is plain",
     "secagg-protocol": "a secure-aggregation request that would reveal more than the sum, or out of order",
     "data-mismatch": "the site's data disagrees with the classes, channels or size the run config declares",
