@@ -19,9 +19,11 @@ from flwr.clientapp import ClientApp
 from client.admission import evaluate_refusal
 from client.guard import check_reply, evaluate_metrics, refusal, train_metrics_allowed
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
+from client.secagg import MASKED_ARRAY, answer_stage, check_masked_record, masked_update, secure_round
 from client.site import evaluate_request, train_round
 from client.transfer import update_record
 from federation.data import DataMismatch
+from federation.secagg import SecAggProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,17 @@ def _train(msg: Message, context: Context, request: Request) -> RecordDict:
     config, settings, policy = setup(msg, context, request)
     global_weights = msg.content["arrays"].to_torch_state_dict()
     round_config = msg.content["config"]
+    content = RecordDict({"site": ConfigRecord({"name": settings.name})})
+    try:  # secure aggregation (secagg.*): the shares arrive before training, so a broken protocol spends no epsilon
+        secure = secure_round(msg, context, server_round=int(round_config.get("server-round", 0)))
+    except SecAggProtocolError as error:
+        content["status"] = ConfigRecord({"refused": refusal("secagg-protocol", "the round's shares do not fit")})
+        logger.warning("secure aggregation refused before training: %s", error)
+        return check_reply(content, allowed_metrics=())
+    if secure is None and policy is not None and policy.require_secagg:
+        content["status"] = ConfigRecord({"refused": refusal("secagg-required", "policy require_secagg is true")})
+        request.audit["refused"] = content["status"]["refused"]
+        return check_reply(content, allowed_metrics=())
     outcome = train_round(
         config=config,
         settings=settings,
@@ -48,15 +61,20 @@ def _train(msg: Message, context: Context, request: Request) -> RecordDict:
         run_id=int(context.run_id),
     )
     request.audit.update(train_audit(outcome, settings))
-    content = RecordDict({"site": ConfigRecord({"name": settings.name})})
     if outcome.refusal is not None:
         content["status"] = ConfigRecord({"refused": outcome.refusal})
         return check_reply(content, allowed_metrics=())
+    allowed = train_metrics_allowed(dp=config.privacy.enabled, simulated=settings.simulated)
+    if secure is not None:  # only the masked update; the example count travels inside it
+        content["arrays"] = masked_update(secure, context, weights=outcome.weights, global_weights=global_weights,
+                                          num_examples=int(outcome.metrics.get("num-examples", 0)))
+        check_masked_record(content["arrays"], global_weights=global_weights)
+        content["metrics"] = MetricRecord({k: v for k, v in outcome.metrics.items() if k != "num-examples"})
+        return check_reply(content, allowed_metrics=allowed - {"num-examples"}, parameter_names=(MASKED_ARRAY,))
     transfer = config.train.transfer_dtype  # fp32 weights, or the update quantized (client/transfer.py)
     content["arrays"] = update_record(outcome.weights, global_weights, transfer_dtype=transfer)
     content["metrics"] = MetricRecord(outcome.metrics)
     shapes = {name: tuple(tensor.shape) for name, tensor in global_weights.items()}
-    allowed = train_metrics_allowed(dp=config.privacy.enabled, simulated=settings.simulated)
     return check_reply(content, allowed_metrics=allowed, parameter_shapes=shapes, transfer_dtype=transfer)
 
 
@@ -90,6 +108,19 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model locally (with DP when configured), within the site's policy."""
     return handle("train", msg, context, _train)
+
+
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """Answer a stage of secure aggregation (keys, shares, unmasking): see client/secagg.py."""
+    return handle("secagg", msg, context, _secagg)
+
+
+def _secagg(msg: Message, context: Context, request: Request) -> RecordDict:
+    setup(msg, context, request)  # the run config and the site's settings are checked as for any request
+    stage, content = answer_stage(msg, context)
+    request.audit["stage"] = stage
+    return content
 
 
 @app.evaluate()
