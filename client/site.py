@@ -44,6 +44,7 @@ NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_PACS = "pacs"  # the site's PACS YAML: its cohort is retrieved into <state-dir>/<site>/pacs-cache, its data-dir
 # NODE_POLICY ("policy": the site's policy YAML) is defined in client.policy.
 
 
@@ -66,6 +67,7 @@ class SiteSettings:
     state_dir: Path
     run_name: str = "run"
     simulated: bool = False  # inside a simulation engine (client.simulated): faults/attacks may apply
+    pacs: str = ""  # a real site's PACS YAML (node config 'pacs'); data_dir is then its cohort cache
 
     @property
     def run_state_dir(self) -> Path:
@@ -120,8 +122,14 @@ def site_settings(
         site_index, num_sites = 0, 1
     name = check_site_name(str(node_config.get(NODE_SITE_NAME, f"site-{site_index + 1}")))
     check_run_name(run_name)
+    pacs = ""
     if not simulated:
         data_dir, base = str(node_config[NODE_DATA_DIR]), Path(str(node_config[NODE_STATE_DIR])).expanduser()
+        pacs = str(node_config.get(NODE_PACS, "") or "").strip()
+        if pacs:  # the site's cohort from its own PACS, kept on its own disk (federation.data.dicom.pacs)
+            from federation.data.dicom.pacs import cohort_cache_dir  # noqa: PLC0415
+
+            data_dir = str(cohort_cache_dir(pacs, state_dir=base / name))
     else:
         data_dir = str(node_config.get(NODE_DATA_DIR, config.data.data_dir))
         if getattr(config.simulation, "site_state_dir", ""):
@@ -131,7 +139,7 @@ def site_settings(
             base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
     return SiteSettings(
         name=name, site_index=site_index, num_sites=num_sites, data_dir=data_dir, state_dir=base / name,
-        run_name=run_name, simulated=simulated,
+        run_name=run_name, simulated=simulated, pacs=pacs,
     )
 
 
@@ -152,7 +160,7 @@ def site_data_config(config: ExperimentConfig, settings: SiteSettings) -> DataCo
             names it; the coordinator gets the uniform error reply).
     """
     data = config.data.model_copy(update={"data_dir": settings.data_dir})
-    if settings.simulated or data.dataset != "dicom":
+    if settings.simulated or data.dataset not in ("dicom", "dicom_volume"):
         return data
     from federation.data.dicom.confine import confine  # noqa: PLC0415
 
@@ -175,6 +183,10 @@ def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
     """
     from federation.data import check_site_data, is_site_only, load_dataset  # noqa: PLC0415
 
+    if settings.pacs:  # retrieve the cohort (once per run), then load it like a folder
+        from federation.data.dicom.pacs import ensure_site_cohort  # noqa: PLC0415
+
+        ensure_site_cohort(settings.pacs, cache_dir=settings.data_dir, run=settings.run_name)
     data_config = site_data_config(config, settings)
     if is_site_only(data_config.dataset):  # the model's shape came from the run config, not from data
         check_site_data(data_config, load_dataset(data_config, seed=config.seed))

@@ -222,3 +222,39 @@ def test_predict_writes_a_research_sr_per_series_back_into_the_pacs(
         expected = np.mean([float(r["p_positive"]) for r in rows if series_of[r["input"]] == source])
         score = float(items["Probability of b"].MeasuredValueSequence[0].NumericValue)
         assert score == pytest.approx(expected, abs=1e-5)
+
+
+def _demo_yaml(folder: Path, server: OrthancServer, pacs: dict, **kwargs) -> Path:
+    accession = {}
+    for row in pacs["demo_rows"]:
+        ds = pydicom.dcmread(pacs["demo"] / row["path"], stop_before_pixels=True)
+        accession[ds.AccessionNumber] = "pneumonia" if row["label"] == "1" else "normal"
+    folder.mkdir(parents=True, exist_ok=True)
+    return _site_yaml(folder, server, cohort={"modality": "CR,DX", "body_part": "chest"},
+                      labels=sorted(accession.items()), key_column="accession_number", **kwargs)
+
+
+DICOM_RUN = ("data.dataset=dicom", "data.dicom_label_names=normal,pneumonia", "data.dicom_channels=1",
+             "data.image_size=28")
+
+
+def test_a_supernode_with_node_config_pacs_trains_from_its_pacs(real_site, orthanc: OrthancServer,
+                                                                pacs: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """The real ClientApp of a site whose node config names its PACS YAML trains a round from the cohort."""
+    from client.guard import SITE_ERROR_REASON
+
+    real_site.node_config["pacs"] = str(_demo_yaml(real_site.coordinator_dir.parent / "etc", orthanc, pacs))
+    reply = real_site.train(*DICOM_RUN)
+    assert not reply.has_error(), reply.error
+    assert "arrays" in reply.content and reply.content["arrays"]  # the DP update, not a refusal
+    cache = real_site.state_dir / real_site.name / "pacs-cache"
+    assert len(json.loads((cache / "manifest.json").read_text())) == 24
+    audit = (real_site.state_dir / real_site.name / "audit.jsonl").read_text()
+    assert orthanc.password not in audit and orthanc.password not in caplog.text
+
+    wrong = real_site.coordinator_dir.parent / "etc-wrong"
+    real_site.node_config["pacs"] = str(_demo_yaml(wrong, orthanc, pacs, password="nope"))
+    with caplog.at_level("ERROR"):
+        reply = real_site.train(*DICOM_RUN, run_name="r2")
+    assert reply.has_error() and reply.error.reason == SITE_ERROR_REASON  # the coordinator learns nothing more
+    assert f"PACS {orthanc.dicomweb_url} refused the credentials" in caplog.text and "nope" not in caplog.text

@@ -380,3 +380,28 @@ def sync_cohort(config: PacsConfig, *, cache_dir: str | os.PathLike[str], labell
     logger.info("PACS cohort %s: %d series, %d instances fetched, %d reused, %d removed",
                 config.dicomweb_url, len(wanted), result.fetched, result.reused, result.removed)
     return result
+
+
+COHORT_CACHE = "pacs-cache"
+"""The cohort cache's folder in a site's state folder, unless its PACS YAML sets ``cache_dir``."""
+
+_RETRIEVED: dict[tuple[str, str], SyncResult] = {}
+
+
+def cohort_cache_dir(config_path: str | os.PathLike[str], *, state_dir: str | os.PathLike[str]) -> Path:
+    """Where a site keeps the cohort of its PACS YAML: its ``cache_dir``, else ``<state_dir>/pacs-cache``."""
+    config = load_pacs_config(config_path)
+    return Path(config.cache_dir).expanduser().resolve() if config.cache_dir else Path(state_dir) / COHORT_CACHE
+
+
+def ensure_site_cohort(config_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str],
+                       run: str) -> SyncResult:
+    """Retrieve a site's cohort into its cache once per process and run (its data stays fixed within a run).
+
+    Raises:
+        PacsError: The PACS is unreachable, refuses the credentials or answers with an error.
+    """
+    key = (str(Path(config_path).expanduser().resolve()), run)
+    if key not in _RETRIEVED:
+        _RETRIEVED[key] = sync_cohort(load_pacs_config(config_path), cache_dir=cache_dir)
+    return _RETRIEVED[key]
