@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from federation.console import console
 from client.audit import AUDIT_FILE, read_audit, render_audit, summarize_audit
 from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from client.policy import PolicyError, load_policy
@@ -25,7 +25,6 @@ site_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
 
 
 def _fail(message: str) -> None:
@@ -85,6 +84,9 @@ def check_command(
     if data_dir is None:
         _fail("give the site folder (DATA_DIR) or --pacs SITE.yaml")
         return
+    if (data_dir / "imagesTr").is_dir():  # a NIfTI segmentation folder (MSD/nnU-Net layout)
+        _check_nifti(data_dir, label_names=tuple(_split_csv([label_names])), json_out=json_out, max_rows=max_rows)
+        return
     names = _split_csv([label_names]) or None
     try:
         report = check_site(
@@ -107,6 +109,25 @@ def check_command(
         console.print(f"report written to {json_out}")
     if not report.ok:
         console.print("[bold red]no usable images[/]: fix the quarantined files or the labels CSV")
+        raise typer.Exit(code=1)
+
+
+def _check_nifti(folder: Path, *, label_names: tuple[str, ...], json_out: Optional[Path], max_rows: int) -> None:
+    """Check a NIfTI folder case by case; exit 1 when no case is usable."""
+    from federation.data.nifti import check_nifti_folder, render_nifti_report  # noqa: PLC0415 - MONAI: only when used
+
+    try:
+        cases, names = check_nifti_folder(folder, label_names=label_names)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    console.print(render_nifti_report(cases, label_names=names, max_rows=max_rows), markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"usable": cases.names, "set_aside": cases.set_aside}, indent=2),
+                            encoding="utf-8")
+        console.print(f"report written to {json_out}")
+    if not cases.names:
+        console.print("[bold red]no usable cases[/]: fix the cases set aside or the declared classes")
         raise typer.Exit(code=1)
 
 

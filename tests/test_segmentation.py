@@ -192,9 +192,8 @@ def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> No
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
 
 
-def test_nifti_folder_checks_set_bad_cases_aside_and_keep_the_rest(tmp_path: Path) -> None:
-    from federation.data.nifti import check_nifti_cases, folder_cases, load_nifti_folder
-
+def _nifti_folder(tmp_path: Path) -> None:
+    """Three good cases and one of each kind of bad one."""
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
@@ -211,6 +210,12 @@ def test_nifti_folder_checks_set_bad_cases_aside_and_keep_the_rest(tmp_path: Pat
     _nifti(tmp_path / "labelsTr" / "empty.nii.gz", np.zeros_like(label))
     (tmp_path / "imagesTr" / "broken_0000.nii.gz").write_bytes(b"not a nifti file")
     (tmp_path / "labelsTr" / "broken.nii.gz").write_bytes(b"not a nifti file")
+
+
+def test_nifti_folder_checks_set_bad_cases_aside_and_keep_the_rest(tmp_path: Path) -> None:
+    from federation.data.nifti import check_nifti_cases, folder_cases, load_nifti_folder
+
+    _nifti_folder(tmp_path)
     cases = check_nifti_cases(folder_cases(tmp_path), num_classes=3, shape=(8, 8, 8))
     assert cases.names == ["good1", "good2", "good3"]
     assert cases.set_aside.pop("broken").startswith("unreadable (")  # the reader's exception type
@@ -246,3 +251,20 @@ def test_dp_sgd_trains_a_unet_with_per_image_clipping_and_accounts_every_step() 
     assert result.steps == privacy.steps_per_round == privacy.total_steps and result.epsilon > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "_norm_sample") for p in model.parameters())
+
+
+def test_site_check_reports_a_nifti_folder_case_by_case(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    _nifti_folder(tmp_path)
+    result = CliRunner().invoke(app, ["site", "check", str(tmp_path), "--label-names", "bg,a,b",
+                                      "--json", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert "NIfTI cases usable: 3; set aside: 6; classes: 0 bg, 1 a, 2 b" in result.output
+    assert "set aside empty: empty label (no foreground voxel)" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["usable"] == ["good1", "good2", "good3"] and len(report["set_aside"]) == 6
+    result = CliRunner().invoke(app, ["site", "check", str(tmp_path)])  # no classes declared, no dataset.json
+    assert result.exit_code == 2 and "nifti_label_names" in result.output

@@ -174,7 +174,8 @@ def label_names_of(folder: Path, config: DataConfig) -> tuple[str, ...]:
     else:
         names = ()
     if len(names) < 2:
-        raise ValueError(f"{folder}: set data.nifti_label_names (e.g. 'background,lesion') or add a dataset.json "
+        raise ValueError(f"{folder}: declare the classes in label order with data.nifti_label_names "
+                         "(medfed site check: --label-names), e.g. 'background,lesion', or add a dataset.json "
                          "with 'labels'; at least two classes are needed")
     return names
 
@@ -199,3 +200,31 @@ def declared_nifti_info(config: DataConfig) -> DatasetInfo | list[str]:
 def _register() -> None:
     register_dataset("nifti", load_nifti_folder, site_only=declared_nifti_info, tasks=("segmentation",),
                      replace=True)
+
+
+def check_nifti_folder(folder: Path, *, label_names: tuple[str, ...] = ()) -> tuple[NiftiCases, tuple[str, ...]]:
+    """What ``medfed site check`` reports for a NIfTI folder: the cases kept and those set aside, and the classes.
+
+    Args:
+        folder: The site folder (``imagesTr/`` + ``labelsTr/``).
+        label_names: Class names in label order; empty = the folder's ``dataset.json``.
+
+    Raises:
+        FileNotFoundError: No images in ``folder/imagesTr``.
+        ValueError: No class names given or found.
+    """
+    names = label_names or label_names_of(folder, DataConfig())
+    if len(names) < 2:
+        raise ValueError(f"{folder}: at least two classes are needed, got {names}")
+    return check_nifti_cases(folder_cases(folder), num_classes=len(names), shape=DEFAULT_VOLUME_SHAPE), names
+
+
+def render_nifti_report(cases: NiftiCases, *, label_names: tuple[str, ...], max_rows: int = 50) -> str:
+    """A plain-text report of :func:`check_nifti_folder`: counts, then every case set aside with its reason."""
+    lines = [f"NIfTI cases usable: {len(cases.names)}; set aside: {len(cases.set_aside)}; "
+             f"classes: {', '.join(f'{k} {n}' for k, n in enumerate(label_names))}"]
+    for case, reason in list(sorted(cases.set_aside.items()))[:max_rows]:
+        lines.append(f"  set aside {case}: {reason}")
+    if len(cases.set_aside) > max_rows:
+        lines.append(f"  ... and {len(cases.set_aside) - max_rows} more")
+    return "\n".join(lines)
