@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from federation.console import console
 from client.audit import AUDIT_FILE, read_audit, render_audit, summarize_audit
 from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from client.policy import PolicyError, load_policy
@@ -25,6 +25,7 @@ site_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+console = Console()
 
 
 def _fail(message: str) -> None:
