@@ -64,6 +64,10 @@ def _train(msg: Message, context: Context, request: Request) -> RecordDict:
     if outcome.refusal is not None:
         content["status"] = ConfigRecord({"refused": outcome.refusal})
         return check_reply(content, allowed_metrics=())
+    if config.train.local_norm:  # FedBN: the site's own norm layers never leave (client.personal)
+        from client.personal import check_local_kept  # noqa: PLC0415
+
+        check_local_kept(outcome.weights, global_weights=global_weights, settings=settings)
     allowed = train_metrics_allowed(dp=config.privacy.enabled, simulated=settings.simulated)
     if secure is not None:  # only the masked update; the example count travels inside it
         content["arrays"] = masked_update(secure, context, weights=outcome.weights, global_weights=global_weights,

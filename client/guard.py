@@ -32,7 +32,8 @@ TRAIN_METRICS = frozenset(_TRAIN_METRIC_NAMES)
 #: What a real site that trains with DP may send: nothing computed from its data without noise.
 DP_SITE_TRAIN_METRICS = TRAIN_METRICS - UNPRIVATIZED_TRAIN_METRICS
 #: Metric names a site may send after evaluation.
-EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"}) | CLINICAL_METRICS
+EVALUATE_METRICS = frozenset({"num-examples", "loss", "auc", "accuracy"}) | CLINICAL_METRICS | frozenset(
+    {"personal-loss", "personal-auc", "personal-accuracy"})  # train.local_norm (client.personal.PERSONAL_METRICS)
 #: Per task, the evaluation metric names spelled out here rather than asked of the task.
 _SPELLED_OUT_EVALUATE_METRICS = {"classification": EVALUATE_METRICS}
 

@@ -306,6 +306,10 @@ def train_round(
     model = _build(config, data, dp=config.privacy.enabled)  # checked for DP-SGD before any epsilon is reserved
     try:
         model.load_state_dict(dict(global_weights))
+        if config.train.local_norm:  # FedBN: this site's own norm layers, kept on its disk (client.personal)
+            from client.personal import restore_local_norm  # noqa: PLC0415
+
+            restore_local_norm(model, settings)
         privacy = load_privacy(config, settings, num_examples=len(data.train))
         try:
             ledger = PrivacyLedger.open(settings.state_dir)
@@ -374,7 +378,12 @@ def _train_admitted(
     )
     # A real DP site sends no exact statistic of its data (the training loss is neither noised nor accounted).
     metrics = result.metrics(unprivatized=privacy is None or settings.simulated)
-    weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=model_state(model),
+    local = model_state(model)
+    if config.train.local_norm:  # FedBN: the norm layers stay here; the reply carries the global values
+        from client.personal import keep_local_norm  # noqa: PLC0415
+
+        local = keep_local_norm(model, settings=settings, local=local, global_weights=global_weights)
+    weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=local,
                                server_round=server_round)  # simulated update attacks only
     save_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights, weights=weights,
                metrics=metrics)  # a redone round resends it instead of spending again
@@ -408,6 +417,13 @@ def evaluate_round(
         batch_size=max(256, config.train.batch_size),
         device=select_device(config.train.device),
     )
+    personal: dict[str, float] = {}
+    if config.train.local_norm:  # FedBN: also the global model with this site's own norm layers (client.personal)
+        from client.personal import personal_metrics  # noqa: PLC0415
+
+        personal = personal_metrics(model, dataset=data.test, global_weights=global_weights, settings=settings,
+                                    device=select_device(config.train.device),
+                                    batch_size=max(256, config.train.batch_size))
     release_model(model)
     metrics = {"loss": float(result.loss), "auc": float(result.auc), "accuracy": float(result.accuracy)}
     # Clinical aggregates (intervals, calibration, ROC grid, the site's subgroups); never per-patient values.
@@ -422,7 +438,12 @@ def evaluate_round(
     if not settings.simulated:  # a real site: no count of fewer than k patients leaves (federation.metrics.disclosure)
         metrics = release_metrics(metrics, num_examples=int(result.num_examples),
                                   min_count=rules.clinical.min_group_size)
-    return {"num-examples": float(result.num_examples), **metrics}
+        if personal:
+            from client.personal import release_personal  # noqa: PLC0415
+
+            personal = release_personal(personal, released=metrics, num_examples=int(result.num_examples),
+                                        min_count=rules.clinical.min_group_size)
+    return {"num-examples": float(result.num_examples), **metrics, **personal}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""Personalization at the site: FedBN-style local normalisation (``train.local_norm``).
+
+With ``train.local_norm`` a site keeps its own normalisation layers (GroupNorm,
+InstanceNorm, frozen BatchNorm: their affine parameters and statistics, see
+:func:`federation.models.convert.norm_state_names`) in its state folder
+(``<state-dir>/runs/<run>/local_norm.pt``). Each round it trains the global model
+with its own norm layers put back, saves them again, and replies with the *global*
+values in their place: the tensors that leave are exactly the ones that arrived, so
+every strategy averages identical values (the norm layers are not aggregated), the
+guard's exact-names rule holds, and :func:`check_local_kept` (the outbound guard)
+refuses a reply in which any kept tensor differs from what the coordinator sent.
+
+Evaluation then reports the global model's metrics and the site's personalized ones
+(``personal-loss``, ``personal-auc``, ``personal-accuracy``: the global model with the
+site's norm layers) under the same disclosure rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from client.guard import OutboundViolation
+from federation.models.convert import norm_state_names
+
+if TYPE_CHECKING:
+    from client.site import SiteSettings
+
+logger = logging.getLogger(__name__)
+
+LOCAL_NORM_FILE = "local_norm.pt"
+"""The site's own normalisation layers, in its run state folder."""
+PERSONAL_METRICS = ("personal-loss", "personal-auc", "personal-accuracy")
+"""Evaluation metrics of the personalized model (whitelisted by the guard)."""
+
+
+def local_norm_path(settings: SiteSettings) -> Path:
+    """Where this site keeps its norm layers for this run."""
+    return settings.run_state_dir / LOCAL_NORM_FILE
+
+
+def load_local_norm(settings: SiteSettings) -> dict[str, torch.Tensor] | None:
+    """The site's saved norm layers, or None before its first trained round."""
+    path = local_norm_path(settings)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_local_norm(model: nn.Module, settings: SiteSettings) -> bool:
+    """Put the site's own norm layers into ``model`` (loaded with the global weights); False if none yet."""
+    saved = load_local_norm(settings)
+    if saved is None:
+        return False
+    expected = set(norm_state_names(model))
+    if set(saved) != expected:
+        raise RuntimeError(f"site {settings.name}: {local_norm_path(settings)} holds other norm layers than the "
+                           "model; the run's model changed: start a new run name")
+    model.load_state_dict(saved, strict=False)
+    return True
+
+
+def keep_local_norm(model: nn.Module, *, settings: SiteSettings, local: Mapping[str, torch.Tensor],
+                    global_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Save ``model``'s norm layers at the site; return ``local`` with the global values in their place."""
+    names = norm_state_names(model)
+    path = local_norm_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".local-norm-", suffix=".pt")
+    os.close(fd)
+    torch.save({n: local[n].detach().cpu().clone() for n in names}, tmp)
+    os.replace(tmp, path)
+    out = dict(local)
+    for name in names:
+        out[name] = global_weights[name].detach().cpu().clone()
+    logger.debug("site %s keeps %d norm tensors local", settings.name, len(names))
+    return out
+
+
+def check_local_kept(weights: Mapping[str, torch.Tensor], *, global_weights: Mapping[str, torch.Tensor],
+                     settings: SiteSettings) -> None:
+    """Outbound guard for FedBN: every tensor the site keeps must leave exactly as it arrived.
+
+    Raises:
+        OutboundViolation: A kept (norm-layer) tensor in the reply differs from the global one.
+    """
+    saved = load_local_norm(settings) or {}
+    leaked = [n for n in saved if n in weights and not torch.equal(weights[n].cpu(), global_weights[n].cpu())]
+    if leaked:
+        raise OutboundViolation(f"local norm-layer tensors would leave the site: {leaked[:5]}")
+
+
+def personal_state(global_weights: Mapping[str, torch.Tensor], settings: SiteSettings) -> dict[str, torch.Tensor] | None:
+    """The site's personalized model: the global weights with its own norm layers; None if it has none."""
+    saved = load_local_norm(settings)
+    if saved is None:
+        return None
+    return {**dict(global_weights), **saved}
+
+
+def personal_metrics(model: nn.Module, *, dataset: torch.utils.data.Dataset, global_weights: Mapping[str, torch.Tensor],
+                     settings: SiteSettings, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Loss, AUC and accuracy of the site's personalized model on its test split ({} before it has one).
+
+    ``model`` is loaded with the personalized weights and left so (the caller releases it).
+    """
+    from federation.training import evaluate  # noqa: PLC0415
+
+    state = personal_state(global_weights, settings)
+    if state is None:
+        return {}
+    model.load_state_dict(state)
+    result = evaluate(model=model, dataset=dataset, batch_size=batch_size, device=device)
+    return {"personal-loss": float(result.loss), "personal-auc": float(result.auc),
+            "personal-accuracy": float(result.accuracy)}
+
+
+def release_personal(personal: Mapping[str, float], *, released: Mapping[str, float], num_examples: int,
+                     min_count: int) -> dict[str, float]:
+    """What of ``personal`` a real site may send: as the global metrics' rules (AUC when the labels may be
+    described, accuracy when its count of correct cases is at least k from either end)."""
+    from federation.metrics.disclosure import COUNT_FLOOR, count_ok  # noqa: PLC0415
+
+    k = max(COUNT_FLOOR, int(min_count))
+    out = {}
+    if "personal-loss" in personal:
+        out["personal-loss"] = personal["personal-loss"]
+    if "personal-auc" in personal and "auc" in released:
+        out["personal-auc"] = personal["personal-auc"]
+    accuracy = personal.get("personal-accuracy")
+    if accuracy is not None and count_ok(round(accuracy * num_examples), num_examples, k):
+        out["personal-accuracy"] = accuracy
+    return out

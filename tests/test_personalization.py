@@ -1,0 +1,63 @@
+"""Personalization (issue 21): FedBN-style local norm layers stay at the site, checked by its outbound guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.guard import EVALUATE_METRICS, OutboundViolation
+from client.personal import LOCAL_NORM_FILE, PERSONAL_METRICS, check_local_kept, keep_local_norm, release_personal
+from client.site import SiteSettings
+from federation.config.schema import ModelConfig
+from federation.models import build_model
+from federation.models.convert import norm_state_names
+
+
+def _settings(tmp_path: Path) -> SiteSettings:
+    return SiteSettings(name="site-1", site_index=0, num_sites=2, data_dir=str(tmp_path), state_dir=tmp_path / "s",
+                        run_name="r")
+
+
+def test_norm_layers_are_saved_at_the_site_and_replaced_by_the_global_values(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4), in_channels=1, num_classes=2, dp=True)
+    global_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # "trained"
+    local = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = _settings(tmp_path)
+    reply = keep_local_norm(model, settings=settings, local=local, global_weights=global_weights)
+    names = norm_state_names(model)
+    saved = torch.load(settings.run_state_dir / LOCAL_NORM_FILE, weights_only=True)
+    assert sorted(saved) == names and all(torch.equal(saved[n], local[n]) for n in names)
+    assert all(torch.equal(reply[n], global_weights[n]) for n in names)
+    assert torch.equal(reply["classifier.weight"], local["classifier.weight"])  # the rest is aggregated
+    check_local_kept(reply, global_weights=global_weights, settings=settings)
+    with pytest.raises(OutboundViolation, match="local norm-layer tensors would leave the site"):
+        check_local_kept(local, global_weights=global_weights, settings=settings)
+
+
+def test_a_real_site_with_local_norm_never_sends_its_norm_layers_and_reports_personal_metrics(real_site) -> None:
+    overrides = ("train.local_norm=true",)
+    run_config = real_site.run_config(*overrides)
+    sent = real_site.weights(run_config)
+    reply = real_site.train(*overrides, weights=sent)
+    assert not reply.has_error()
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    kept = torch.load(real_site.state_dir / real_site.name / "runs" / "r" / LOCAL_NORM_FILE, weights_only=True)
+    assert kept and all(torch.equal(arrays[n], sent[n]) for n in kept)  # what left is what arrived
+    assert any(not torch.equal(kept[n], sent[n]) for n in kept)  # the site's own values did train
+    assert not torch.equal(arrays["classifier.weight"], sent["classifier.weight"])
+    evaluation = real_site.evaluate(*overrides, weights=arrays)
+    metrics = evaluation.content["metrics"]
+    assert "personal-loss" in metrics and metrics["personal-loss"] != metrics["loss"]
+
+
+def test_personal_metrics_are_whitelisted_and_follow_the_disclosure_rules() -> None:
+    assert set(PERSONAL_METRICS) <= EVALUATE_METRICS
+    personal = {"personal-loss": 0.5, "personal-auc": 0.8, "personal-accuracy": 0.9}
+    assert release_personal(personal, released={"auc": 0.7}, num_examples=100, min_count=5) == personal
+    assert release_personal(personal, released={}, num_examples=20, min_count=5) == {"personal-loss": 0.5}
