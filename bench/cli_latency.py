@@ -5,7 +5,7 @@ Run from the repository root::
     python bench/cli_latency.py                       # this checkout, 7 repeats
     python bench/cli_latency.py --repo /tmp/old-wt    # another checkout (e.g. a git worktree of an older commit)
 
-Each command runs as ``python -m simulations.cli ARGS`` in a fresh interpreter
+Each command runs as ``python -m medfed ARGS`` in a fresh interpreter
 (what the ``medfed`` console script runs), with the checkout first on
 ``PYTHONPATH``, from start to exit, ``--repeats`` times; all commands and the two
 baselines are interleaved in every repeat. Baselines measured in the same run:
@@ -55,7 +55,7 @@ def main() -> None:
         for name, argv in BASELINES.items():
             runs[name].append(run_fresh_python(argv, repo=repo)[0])
         for cmd in COMMANDS:
-            runs["medfed " + " ".join(cmd)].append(run_fresh_python(["-m", "simulations.cli", *cmd], repo=repo)[0])
+            runs["medfed " + " ".join(cmd)].append(run_fresh_python(["-m", "medfed", *cmd], repo=repo)[0])
     floor = runs["python -c pass"]
     say(f"\n{'command':36s} {'wall, median (min-max)':26s} ratio to python -c pass")
     summary = {}

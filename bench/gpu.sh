@@ -43,7 +43,7 @@ if $PY -c "import ray" 2>/dev/null; then
   log "federation: medfed simulate on Flower's Ray engine, 2 sites x 2 rounds, DP, gpus_per_site=0.5"
   ( while sleep 2; do nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader; done ) &
   WATCH=$!
-  timeout 240 $PY -m simulations.cli simulate \
+  timeout 240 $PY -m medfed simulate \
     --set data.num_sites=2 --set server.rounds=2 --set data.num_samples=800 --set train.device=auto \
     --set simulation.gpus_per_site=0.5 --set privacy.noise_multiplier=1.0 --set privacy.target_epsilon=1000 \
     --set server.out_dir=/tmp/medfed-gpu-runs --set server.run_name=gpu

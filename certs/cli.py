@@ -1,6 +1,6 @@
 """``medfed certs ...``: provision the consortium CA, the SuperLink certificate and site keys.
 
-Mounted by the main CLI with ``app.add_typer(certs_app, name="certs")``.
+Mounted on the ``medfed`` front door by :func:`register_certs_commands`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from certs.files import CertificateError
@@ -24,6 +23,7 @@ from certs.x509 import (
     load_certificate,
     verify_server_certificate,
 )
+from federation.console import console
 
 certs_app = typer.Typer(
     name="certs",
@@ -31,7 +31,6 @@ certs_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing files (old keys are lost).")]
 
@@ -139,3 +138,8 @@ def check_command(
             console.print(f"[green]ok[/] {ca_path}: CA certificate")
     except CertificateError as err:
         _fail(err)
+
+
+def register_certs_commands(app: typer.Typer) -> None:
+    """Mount the consortium's ``certs`` group on the ``medfed`` app."""
+    app.add_typer(certs_app, name="certs")

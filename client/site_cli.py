@@ -1,6 +1,6 @@
 """``medfed site ...``: check a hospital's DICOM folder, write a demo site, check its policy, read its audit log.
 
-Mounted by the main CLI with ``app.add_typer(site_app, name="site")``.
+Mounted on the ``medfed`` front door by :func:`register_site_commands`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from client.audit import AUDIT_FILE, read_audit, render_audit, summarize_audit
 from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from client.policy import PolicyError, load_policy
+from federation.console import console
 from federation.data.dicom.demo import DEMO_SOURCES
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN
 
@@ -25,7 +25,6 @@ site_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
 
 
 def _fail(message: str) -> None:
@@ -240,3 +239,8 @@ def audit_command(
                 f"{path.parent.name}: lifetime epsilon {ledger.spent_epsilon():.4f}, delta {ledger.spent_delta():g} "
                 f"over {len(ledger.runs)} run(s) (ledger {path.parent / LEDGER_FILE})"
             )
+
+
+def register_site_commands(app: typer.Typer) -> None:
+    """Mount the hospital's ``site`` group on the ``medfed`` app."""
+    app.add_typer(site_app, name="site")

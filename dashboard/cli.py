@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from dashboard.security import is_loopback, new_token
+from federation.console import command_group, console
 
-console = Console()
 
 HostOpt = Annotated[str, typer.Option(
     "--host", help="Address to bind. Anything but 127.0.0.1/localhost/::1 requires the access token it prints.")]
@@ -89,7 +88,7 @@ def site_dashboard_command(
     _serve(create_site_app(state_dir, budget=budget, token=token), host=host, port=port, token=token)
 
 
-def register_dashboard_commands(app: typer.Typer, site_app: typer.Typer) -> None:
-    """Add ``dashboard`` to the main CLI and ``dashboard`` to its ``site`` group."""
+def register_dashboard_commands(app: typer.Typer) -> None:
+    """Add ``dashboard`` to the ``medfed`` app and ``dashboard`` to its ``site`` group (mounted before)."""
     app.command("dashboard")(dashboard_command)
-    site_app.command("dashboard")(site_dashboard_command)
+    command_group(app, "site").command("dashboard")(site_dashboard_command)

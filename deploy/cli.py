@@ -1,6 +1,6 @@
 """``medfed deploy ...``: start the consortium's Flower processes, certificates checked first.
 
-Mounted by the main CLI with ``app.add_typer(deploy_app, name="deploy")``. Every
+Mounted on the ``medfed`` front door by :func:`register_deploy_commands`. Every
 command checks the certificates and keys it is given (dates, CA signature, host
 names, 0600 keys) and only then replaces itself with the Flower process
 (``--print`` shows the command instead). TLS and SuperNode authentication are on
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.logging import RichHandler
 
@@ -34,6 +33,7 @@ from deploy.commands import (
 from deploy.fast_supernode import POLL_ENV
 from deploy.flwr_config import write_connection
 from deploy.nginx import FleetProxy, render_fleet_proxy, write_standalone
+from federation.console import stderr_console as console
 
 deploy_app = typer.Typer(
     name="deploy",
@@ -41,7 +41,6 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="No TLS, no node authentication (closed test networks only; warns).")
 ]
@@ -203,3 +202,8 @@ def supernode_cmd(
     if poll_interval and poll_interval < 3:
         cmd = [sys.executable, "-m", "deploy.fast_supernode", "--poll-interval", str(poll_interval), "--", *cmd[1:]]
     _exec(cmd, only_print=only_print)
+
+
+def register_deploy_commands(app: typer.Typer) -> None:
+    """Mount the consortium's ``deploy`` group on the ``medfed`` app."""
+    app.add_typer(deploy_app, name="deploy")

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from federation.console import console
 from server.run_outputs import RunOutputs
 
 if TYPE_CHECKING:  # torch and MONAI are imported by the commands that use them, not by `medfed --help`
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # torch and MONAI are imported by the commands that use them,
     from federation.inference.predict import Prediction
 
 logger = logging.getLogger(__name__)
-console = Console()
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="A finished run directory (or its export/ folder).")]
 InputOpt = Annotated[Path, typer.Option("--input", "-i", help="A DICOM, PNG/JPEG or .npz file, or a folder of them.")]

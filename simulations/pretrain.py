@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from federation.config import ConfigError, ExperimentConfig
+from federation.console import console
 
 if TYPE_CHECKING:  # torch, MONAI: loaded by the command that trains, not by every medfed command
     import torch
 
 logger = logging.getLogger(__name__)
-console = Console()
 
 PRETRAIN_FILE = "pretrain.json"
 

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from federation.config import ConfigError
+from federation.console import console
 
 logger = logging.getLogger(__name__)
-console = Console()
 
 
 def after_simulate(run_dir: Path, *, baselines: bool, plots: list[Path] | None = None) -> Path:

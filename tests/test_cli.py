@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from federation.config import valid_keys
-from simulations.cli import _exit_status, app
+from medfed.cli import _exit_status, app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_presets_and_keys() -> None:
 def _console_script(*args: str) -> subprocess.CompletedProcess:
     """Run ``medfed`` through its console-script entry point, with an exit handler and a late thread."""
     code = ("import atexit, sys, threading, time; atexit.register(lambda: print('exit handler ran')); "
-            "from simulations.cli import main; sys.argv[0] = 'medfed'; "
+            "from medfed.cli import main; sys.argv[0] = 'medfed'; "
             "threading.Thread(target=lambda: (time.sleep(2), print('thread done', flush=True))).start(); main()")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
@@ -81,7 +81,7 @@ def _loaded_after(code: str) -> list[str]:
 def test_the_cli_and_light_modules_load_without_the_training_stack() -> None:
     # `medfed --help`, keys, presets, certs, deploy and the site's policy/audit tools
     # must not pay for torch, MONAI, Opacus, Ray or matplotlib (6-8 s on a laptop).
-    assert _loaded_after("import simulations.cli") == []
+    assert _loaded_after("import medfed.cli") == []
     assert _loaded_after("from federation.data import resolve_data_dir, DATA_DIR_ENV") == []
     assert _loaded_after("from federation.data.dicom import DEFAULT_KEY_COLUMN, read_labels") == []
     assert _loaded_after("import server.run_dir") == []
