@@ -64,7 +64,8 @@ def predict_command(
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV.")] = None,
     gradcam: Annotated[
-        Optional[Path], typer.Option("--gradcam", help="Also write Grad-CAM overlays into this folder.")
+        Optional[Path],
+        typer.Option("--gradcam", help="Also write explanation overlays (as medfed explain) into this folder."),
     ] = None,
     npz_split: SplitOpt = "test",
     limit: LimitOpt = 0,
@@ -98,15 +99,17 @@ def predict_command(
     else:
         console.print(_table(predictions, meta))
     if gradcam is not None:
-        console.print(f"Grad-CAM overlays → {gradcam}")
+        console.print(f"explanation overlays → {gradcam}")
 
 
 def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int, out: Optional[Path]) -> None:
-    """``predict --pacs``: retrieve the cohort, predict each image, store one SR per series into the PACS."""
+    """``predict --pacs``: retrieve the cohort, predict each image, store one SR (classification) or SEG
+    (segmentation) per series into the PACS."""
     from federation.data.dicom.pacs import PacsError, connect, load_pacs_config, pacs_errors, sync_cohort  # noqa: PLC0415
     from federation.data.dicom.pacs_report import default_cache_dir  # noqa: PLC0415
     from federation.inference import predict_inputs, write_predictions_csv  # noqa: PLC0415
-    from federation.inference.writeback import cohort_reports, store_reports  # noqa: PLC0415
+    from federation.inference.predict import predict_probabilities  # noqa: PLC0415
+    from federation.inference.writeback import cohort_reports, cohort_segmentations, store_reports  # noqa: PLC0415
 
     try:
         config = load_pacs_config(pacs)
@@ -116,17 +119,23 @@ def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int,
         _fail(str(err))
         return
     module, meta, items = _load(model, synced.cache_dir, "test", limit)
-    predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
-    reports = cohort_reports(cache_dir=synced.cache_dir, predictions=predictions, meta=meta)
+    if items and predict_probabilities(module, items[0].image[None]).ndim == 4:  # a segmentation model: DICOM SEG
+        reports, predictions = cohort_segmentations(cache_dir=synced.cache_dir, module=module, inputs=items,
+                                                    meta=meta), []
+        kind = "DICOM SEG"
+    else:
+        predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
+        reports = cohort_reports(cache_dir=synced.cache_dir, predictions=predictions, meta=meta)
+        kind = "DICOM SR"
     try:
         with pacs_errors(config, "store the research reports (STOW-RS)"):
             store_reports(client, reports)
     except PacsError as err:
         _fail(str(err))
-    if out is not None:
+    if out is not None and predictions:  # per-image probabilities of a classification model
         write_predictions_csv(predictions, out, meta=meta)
-    console.print(f"[green]{len(reports)} research report(s)[/] (DICOM SR, not for clinical use) stored in PACS "
-                  f"{config.dicomweb_url} for {len(predictions)} image(s) of {len(synced.series)} series")
+    console.print(f"[green]{len(reports)} research report(s)[/] ({kind}, not for clinical use) stored in PACS "
+                  f"{config.dicomweb_url} for {len(items)} image(s) of {len(synced.series)} series")
 
 
 def explain_command(
@@ -139,22 +148,28 @@ def explain_command(
     layer: Annotated[Optional[str], typer.Option("--layer", help="Grad-CAM layer (default: the last convolution).")] = None,
     npz_split: SplitOpt = "test",
     limit: LimitOpt = 0,
+    method: Annotated[
+        Optional[str],
+        typer.Option("--method", help="integrated_gradients (default), occlusion, or gradcam (default with --layer)."),
+    ] = None,
 ) -> None:
-    """Write Grad-CAM overlays (MONAI GradCAM) with the predicted probability on each image."""
+    """Write explanation overlays (image beside map, colour bar) with the predicted probability on each image."""
     from federation.inference import load_run_model, predict_inputs, write_predictions_csv  # noqa: PLC0415
+    from federation.inference.attribution import DEFAULT_ATTRIBUTION  # noqa: PLC0415
     from federation.inference.predict import explain_inputs  # noqa: PLC0415
 
+    chosen = method or ("gradcam" if layer is not None else DEFAULT_ATTRIBUTION)
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
     try:
         network, _ = load_run_model(model)
         overlays = explain_inputs(network, items, predictions, out, meta=meta, class_index=class_index,
-                                  target_layer=layer)
+                                  target_layer=layer, method=chosen)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
     write_predictions_csv(predictions, out / "predictions.csv", meta=meta, overlays=overlays)
-    console.print(f"[green]{len(overlays)} Grad-CAM overlays[/] → {out}")
+    console.print(f"[green]{len(overlays)} {chosen} overlays[/] → {out}")
 
 
 def clinical_report_command(

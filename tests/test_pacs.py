@@ -258,3 +258,42 @@ def test_a_supernode_with_node_config_pacs_trains_from_its_pacs(real_site, ortha
         reply = real_site.train(*DICOM_RUN, run_name="r2")
     assert reply.has_error() and reply.error.reason == SITE_ERROR_REASON  # the coordinator learns nothing more
     assert f"PACS {orthanc.dicomweb_url} refused the credentials" in caplog.text and "nope" not in caplog.text
+
+
+def test_predict_with_a_segmentation_model_writes_a_dicom_seg_per_series(
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict) -> None:
+    import torch
+
+    from federation.config.schema import ModelConfig
+    from federation.inference.export import export_model
+    from federation.inference.preprocess import Preprocessing
+    from federation.models import build_model
+    from simulations.cli import app
+
+    torch.manual_seed(0)
+    unet = build_model(ModelConfig(name="unet", width=4), in_channels=1, num_classes=2, dp=False,
+                       task="segmentation")
+    exported = export_model(model=unet, preprocessing=Preprocessing(image_size=32, in_channels=1),
+                            out_dir=tmp_path / "run" / "export",
+                            metadata={"run": "seg-test", "round": 1, "num_classes": 2,
+                                      "label_names": ["background", "lesion"], "model": {"name": "unet"}})
+    result = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "run"), "--pacs",
+                                      str(_ct_yaml(tmp_path, orthanc, pacs)), "--pacs-cache", str(tmp_path / "cache")],
+                                terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "3 research report(s) (DICOM SEG" in result.output
+    client = _client(orthanc)
+    found = client.search_for_series(search_filters={"Modality": "SEG"})
+    assert len(found) == 3
+    for item in found:
+        ref = pydicom.Dataset.from_json(item)
+        sop = pydicom.Dataset.from_json(client.search_for_instances(ref.StudyInstanceUID, ref.SeriesInstanceUID)[0])
+        seg = client.retrieve_instance(ref.StudyInstanceUID, ref.SeriesInstanceUID, sop.SOPInstanceUID)
+        source = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        assert source in pacs["ct"] and seg.NumberOfFrames == len(pacs["ct"][source])
+        assert (seg.Rows, seg.Columns) == (128, 128)
+        assert seg.SeriesDescription == seg.ContentDescription == "medfed research output - NOT FOR CLINICAL USE"
+        assert seg.SegmentSequence[0].SegmentLabel == "lesion"
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "medfed unet (seg-test)"
+        assert exported.meta["sha256"]["model.pt2"] in algorithm.AlgorithmParameters

@@ -1,10 +1,11 @@
-"""Results back into the PACS: a DICOM Comprehensive SR per source series (highdicom).
+"""Results back into the PACS: a DICOM Comprehensive SR (classification) or SEG (segmentation) per series (highdicom).
 
 A viewer lists the report in the patient's study, next to the series it is about. It
 references that series' instances as evidence, carries the score, the predicted class
 and the operating point, names the model (name, version, SHA-256 of the exported
 program) and is marked as research output, not for clinical use (series description,
-a text item, and the title). Segmentation results (DICOM SEG) are not written yet.
+a text item, and the title). A SEG references the segmented images and carries the same
+notice and model identity (:func:`segmentation_object`).
 """
 
 from __future__ import annotations
@@ -155,3 +156,77 @@ def cohort_reports(*, cache_dir: Any, predictions: Sequence[Any], meta: dict[str
             evidence=evidence, p_positive=float(probs[positive]), positive_label=label(positive),
             predicted_label=label(int(np.argmax(probs))), threshold=float(meta.get("threshold", 0.5)), model=model))
     return reports
+
+
+def segmentation_object(*, source_images: Sequence[Dataset], labelmap: Any, label_names: Sequence[str],
+                        model: ModelIdentity) -> Dataset:
+    """A DICOM SEG (highdicom, binary segments) of one series from a label map at the images' resolution.
+
+    Args:
+        source_images: The series' single-frame images (with pixel data), in the order of ``labelmap``.
+        labelmap: ``uint8 (N, rows, columns)``, 0 background, ``k`` the class ``label_names[k]``.
+        label_names: Class names, background first.
+        model: The model's name, version and SHA-256 (in the algorithm identification).
+
+    Returns:
+        The SEG dataset, marked research output (content label, description, series description).
+    """
+    import numpy as np  # noqa: PLC0415
+    from highdicom import AlgorithmIdentificationSequence  # noqa: PLC0415
+    from highdicom.seg import Segmentation, SegmentDescription  # noqa: PLC0415
+    from highdicom.sr import CodedConcept  # noqa: PLC0415
+    from pydicom.sr.codedict import codes  # noqa: PLC0415
+
+    algorithm = AlgorithmIdentificationSequence(name=model.name[:64], family=codes.cid7162.ArtificialIntelligence,
+                                                version=model.version[:64], parameters={"sha256": model.sha256})
+    category = CodedConcept(value="91723000", scheme_designator="SCT", meaning="Anatomical Structure")
+    segments = [
+        SegmentDescription(segment_number=k, segment_label=str(name)[:64], segmented_property_category=category,
+                           segmented_property_type=_code(f"CLASS-{k}", str(name)[:64]), algorithm_type="AUTOMATIC",
+                           algorithm_identification=algorithm)
+        for k, name in enumerate(label_names) if k > 0
+    ]
+    seg = Segmentation(
+        source_images=list(source_images), pixel_array=np.asarray(labelmap, dtype=np.uint8),
+        segmentation_type="BINARY", segment_descriptions=segments, series_instance_uid=generate_uid(),
+        series_number=SERIES_NUMBER + 1, sop_instance_uid=generate_uid(), instance_number=1, manufacturer="medfed",
+        manufacturer_model_name=model.name[:64], software_versions=model.version[:64], device_serial_number="none",
+        content_label="MEDFED_RESEARCH", content_description=RESEARCH_NOTICE[:64], omit_empty_frames=False,
+    )
+    seg.SeriesDescription = RESEARCH_NOTICE[:64]
+    return seg
+
+
+def cohort_segmentations(*, cache_dir: Any, module: Any, inputs: Sequence[Any], meta: dict[str, Any]) -> list[Dataset]:
+    """One SEG per cached series: each image segmented by the exported model, masks resized back (nearest)."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415, N812
+    from pydicom import dcmread  # noqa: PLC0415
+
+    from federation.inference.predict import predict_probabilities  # noqa: PLC0415
+
+    root = Path(cache_dir)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    series_of = {entry["path"]: entry["series_instance_uid"] for entry in manifest.values()}
+    grouped: dict[str, list[Any]] = {}
+    for item in inputs:
+        if "#" not in item.name and item.name in series_of:
+            grouped.setdefault(series_of[item.name], []).append(item)
+    names = list(meta.get("label_names") or [])
+    model = ModelIdentity.from_meta(meta)
+    out = []
+    for _, items in sorted(grouped.items()):
+        sources = [dcmread(root / item.name) for item in items]
+        probs = predict_probabilities(module, np.stack([item.image for item in items]))
+        classes = probs.argmax(axis=1).astype(np.uint8)  # (N, h, w)
+        size = (int(sources[0].Rows), int(sources[0].Columns))
+        labelmap = F.interpolate(torch.from_numpy(classes)[:, None].float(), size=size, mode="nearest")[:, 0]
+        k = probs.shape[1]
+        out.append(segmentation_object(source_images=sources, labelmap=labelmap.numpy().astype(np.uint8),
+                                       label_names=names[:k] if len(names) >= k else [f"class-{i}" for i in range(k)],
+                                       model=model))
+    return out
