@@ -1,7 +1,7 @@
-"""Simulation-only Grad-CAM gallery: true/false positives/negatives of every simulated site.
+"""Simulation-only explanation gallery: true/false positives/negatives of every simulated site.
 
 SIMULATION ONLY. The harness runs every simulated hospital on this machine, so it
-can read each site's test images and draw Grad-CAM overlays of them into the run
+can read each site's test images and draw explanation overlays of them into the run
 directory. Nothing here travels in a Flower Message, and a real deployment has
 no equivalent: there, images never leave a site, and a site that wants overlays
 runs ``medfed explain`` on its own machine.
@@ -19,7 +19,8 @@ import numpy as np
 
 from federation.config import ExperimentConfig, load_config
 from federation.data import load_site_data
-from federation.inference import GradCamExplainer, Overlay, load_run_model, save_overlays
+from federation.inference import Overlay, load_run_model, save_overlays
+from federation.inference.attribution import DEFAULT_ATTRIBUTION, make_attributor
 from federation.metrics.clinical import ClinicalSettings, binary_task
 from federation.training import evaluate
 from server.clinical_report import CLINICAL_DIR, GALLERY_DIR, GALLERY_INDEX, write_clinical_report
@@ -45,11 +46,15 @@ def pick_examples(labels01: np.ndarray, p_positive: np.ndarray, *, threshold: fl
     return chosen
 
 
-def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None) -> list[Path]:
-    """Draw one Grad-CAM panel per simulated site into ``clinical/gallery/`` and refresh the report.
+def write_gallery(
+    run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None, method: str = DEFAULT_ATTRIBUTION
+) -> list[Path]:
+    """Draw one explanation figure per simulated site into ``clinical/gallery/`` and refresh the report.
 
     Needs the run's ``export/`` (written when the run finished). The map shows the
-    evidence for the positive class (``clinical.positive_class``).
+    evidence for the positive class (``clinical.positive_class``) by the attribution
+    ``method`` (:func:`federation.inference.attribution.available_attributions`);
+    each example is drawn as the image beside its overlay, with a colour bar.
 
     Returns:
         The PNGs written (one per site that has test images).
@@ -61,7 +66,7 @@ def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig |
     if int(meta["preprocessing"].get("spatial_dims", 2)) != 2:
         logger.info("no Grad-CAM gallery: the model does not take 2-D images")
         return []
-    explainer = GradCamExplainer(model)
+    explainer = make_attributor(method, model)
     positive = (meta.get("label_names") or [])[settings.positive_class:settings.positive_class + 1] or ["positive"]
     out = run / CLINICAL_DIR / GALLERY_DIR
     entries: list[dict[str, Any]] = []
@@ -78,13 +83,14 @@ def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig |
         cams = explainer(batch, class_index=settings.positive_class)
         panels = [Overlay(image=img, cam=cam, title=f"{kind}: P({positive[0]}) = {p[i]:.3f}")
                   for (kind, i), img, cam in zip(chosen.items(), batch, cams)]
-        path = save_overlays(panels, out / f"{data.name}.png", suptitle=f"{data.name} (simulation only)")
+        path = save_overlays(panels, out / f"{data.name}.png", suptitle=f"{data.name} (simulation only)",
+                             label=f"{method} for '{positive[0]}'")
         written.append(path)
         entries.append({"site": data.name, "file": path.name, "kinds": list(chosen),
-                        "caption": f"most confident {', '.join(chosen)} of the site's test split; Grad-CAM for "
+                        "caption": f"most confident {', '.join(chosen)} of the site's test split; {method} map for "
                                    f"'{positive[0]}' at threshold {settings.threshold}"})
     if entries:
         (out / GALLERY_INDEX).write_text(json.dumps(entries, indent=2))
         write_clinical_report(run, config=config, redraw_plots=False)  # same records: plots as drawn
-    logger.info("Grad-CAM gallery: %d site(s) in %s", len(written), out)
+    logger.info("%s gallery: %d site(s) in %s", method, len(written), out)
     return written

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import torch
 
 from federation.config import DataConfig
 from federation.data import generate_synthetic, load_dataset
 from federation.data.synthetic import generate_synthetic_lesions, synthetic_lesion_masks
+from federation.inference import DEFAULT_ATTRIBUTION, Overlay, available_attributions, make_attributor, save_overlays
+from federation.inference.pointing import pointing_score
+from federation.models.cnn import SmallCNN
 
 
 def test_lesion_masks_keep_the_images_and_mark_only_positives() -> None:
@@ -56,3 +62,79 @@ def test_split_masks_align_with_load_dataset() -> None:
     np.testing.assert_array_equal(full.masks[match[0]], test_masks[row])
     with pytest.raises(ValueError, match="data.dataset='pneumoniamnist'"):
         synthetic_lesion_masks(DataConfig(dataset="pneumoniamnist"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lesion_model() -> Iterator[tuple[torch.nn.Module, np.ndarray, np.ndarray]]:
+    """A small CNN trained centrally for a few seconds (no DP), and held-out lesion images it calls positive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few seconds on one thread; much slower when oversubscribed
+    try:
+        torch.manual_seed(0)
+        data = generate_synthetic_lesions(num_samples=360, image_size=16, seed=11)
+        model = SmallCNN(spatial_dims=2, in_channels=1, num_classes=2, width=8)
+        x, y = torch.from_numpy(data.images[:300]), torch.from_numpy(data.labels[:300])
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(3):
+            for idx in torch.randperm(300).split(32):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            called = model(torch.from_numpy(data.images[300:])).argmax(dim=1).numpy() == 1
+        keep = called & (data.labels[300:] == 1)
+        yield model, data.images[300:][keep], data.masks[300:][keep]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_default_explanation_lands_on_a_planted_lesion(tiny_lesion_model) -> None:
+    model, images, masks = tiny_lesion_model
+    assert len(images) >= 20  # the tiny model finds most lesions
+    maps = make_attributor(DEFAULT_ATTRIBUTION, model)(images, class_index=1)
+    assert maps.shape == images[:, 0].shape and maps.min() >= 0.0 and maps.max() == pytest.approx(1.0)
+    score = pointing_score(maps, masks)
+    assert score.hit_rate >= 0.8
+    assert score.mass_ratio >= 2.0
+
+
+def test_occlusion_points_at_the_lesion_and_grad_cam_does_not(tiny_lesion_model) -> None:
+    model, images, masks = tiny_lesion_model
+    occlusion = pointing_score(make_attributor("occlusion", model)(images[:12], class_index=1), masks[:12])
+    assert occlusion.hit_rate >= 0.75 and occlusion.mass_ratio >= 2.0
+    # Grad-CAM is hottest at the zero-padded border, the reason it is not the default.
+    gradcam = pointing_score(make_attributor("gradcam", model)(images, class_index=1), masks)
+    assert gradcam.hit_rate < 0.2
+
+
+def test_pointing_score_counts_ties_as_a_random_pick() -> None:
+    masks = np.zeros((2, 4, 4), dtype=np.uint8)
+    masks[:, 0, :2] = 1  # 2 of 16 pixels
+    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    maps[0, 0, 0] = 1.0  # hit, all mass inside
+    # image 1: constant map -> hit 2/16, mass = area fraction
+    score = pointing_score(maps, masks)
+    assert score.hit_rate == pytest.approx((1 + 2 / 16) / 2)
+    assert score.mass_inside == pytest.approx((1 + 2 / 16) / 2)
+    assert score.area_fraction == pytest.approx(2 / 16)
+    with pytest.raises(ValueError, match="non-empty mask"):
+        pointing_score(maps, np.zeros_like(masks))
+
+
+def test_unknown_attribution_method_lists_the_valid_ones() -> None:
+    assert available_attributions() == ["gradcam", "integrated_gradients", "occlusion"]
+    with pytest.raises(ValueError, match="unknown attribution method 'lime'; choose one of: gradcam, "
+                                         "integrated_gradients, occlusion"):
+        make_attributor("lime", torch.nn.Linear(2, 2))
+
+
+def test_overlay_figure_puts_the_image_beside_the_map_with_a_colour_bar(tmp_path) -> None:
+    import matplotlib.image as mpimg
+
+    image = np.zeros((1, 16, 16), dtype=np.float32)
+    cam = np.zeros((16, 16), dtype=np.float32)
+    cam[4:8, 4:8] = 1.0
+    path = save_overlays([Overlay(image, cam, "a"), Overlay(image, cam, "b")], tmp_path / "o.png", label="ig")
+    height, width = mpimg.imread(path).shape[:2]
+    assert (width, height) == (640, 2 * 290 + 30)

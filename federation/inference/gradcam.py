@@ -1,20 +1,28 @@
-"""Grad-CAM maps with MONAI's :class:`monai.visualize.GradCAM`, and their PNG overlays.
+"""Grad-CAM maps with MONAI's :class:`monai.visualize.GradCAM` (attribution method ``gradcam``).
 
 The map is computed at the network's last convolution (override with
 ``target_layer``), upsampled to the input size and scaled to ``[0, 1]`` by MONAI.
+
+Known limit (measured with ``bench/explain_pointing.py``, docs/RESULTS.md): on the
+default preset's small DP-trained CNN, every layer's Grad-CAM is hottest at the
+image border - the top-left corner for most images - because a zero-padded
+convolution's activations near the border are large for *every* image, and
+Grad-CAM weighs raw activations (no reference image). It almost never points at
+the lesion although occlusion shows that the model's output depends on it; the
+default explanation is therefore ``integrated_gradients`` (:mod:`federation.inference.attribution`).
+The PNG drawing lives in :mod:`federation.inference.overlays` (re-exported here).
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.visualize import GradCAM
 from torch import nn
+
+from federation.inference.overlays import Overlay, save_overlays
+
+__all__ = ["GradCamExplainer", "Overlay", "default_target_layer", "grad_cam", "save_overlays"]
 
 
 def default_target_layer(model: nn.Module) -> str:
@@ -74,45 +82,3 @@ def grad_cam(
 ) -> np.ndarray:
     """One-off Grad-CAM maps ``(N, H, W)``; see :class:`GradCamExplainer` for repeated use."""
     return GradCamExplainer(model, target_layer=target_layer)(images, class_index=class_index)
-
-
-@dataclass(frozen=True, eq=False)
-class Overlay:
-    """One panel: the input, its Grad-CAM map and the caption."""
-
-    image: np.ndarray
-    cam: np.ndarray
-    title: str
-
-
-def _display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3 and img.shape[0] == 3:
-        return np.clip(img.transpose(1, 2, 0), 0.0, 1.0), None
-    return img.reshape(img.shape[-2:]), "gray"
-
-
-def save_overlays(panels: Sequence[Overlay], path: str | os.PathLike[str], *, suptitle: str = "") -> Path:
-    """Draw panels side by side (image in grey, Grad-CAM in 'jet' at 40 %) and save a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        shown, cmap = _display(panel.image)
-        ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0)
-        ax.imshow(panel.cam, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-        ax.set_title(panel.title, fontsize=8, y=1.0)  # a fixed y skips matplotlib's per-draw title placement
-        ax.axis("off")
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    # Fixed margins instead of tight_layout(): axes are off, so there is nothing to fit,
-    # and the layout pass cost 0.1 s per figure (a 10-site gallery: 1.4 s).
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.85 if suptitle else 0.9, wspace=0.08)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

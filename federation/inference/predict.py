@@ -1,4 +1,4 @@
-"""Probabilities (and optional Grad-CAM overlays) for preprocessed inputs."""
+"""Probabilities (and optional explanation overlays) for preprocessed inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from federation.inference.gradcam import GradCamExplainer, Overlay, save_overlays
+from federation.inference.attribution import DEFAULT_ATTRIBUTION, make_attributor
+from federation.inference.overlays import Overlay, save_overlays
 from federation.inference.preprocess import InputImage
 
 
@@ -113,8 +114,9 @@ def explain_inputs(
     meta: dict[str, Any],
     class_index: int | None = None,
     target_layer: str | None = None,
+    method: str = DEFAULT_ATTRIBUTION,
 ) -> dict[str, Path]:
-    """Write one Grad-CAM overlay PNG per input, captioned with P(positive) and the predicted class.
+    """Write one explanation PNG per input (image beside overlay), captioned with P(positive) and the class.
 
     Args:
         model: The medfed network (logits out), e.g. from :func:`federation.inference.load_run_model`.
@@ -123,18 +125,27 @@ def explain_inputs(
         out_dir: Folder for the PNGs.
         meta: The export's ``model.json`` (class names, positive class).
         class_index: Class whose evidence is mapped; ``None``: each input's predicted class.
-        target_layer: Grad-CAM layer (default: the last convolution).
+        target_layer: Grad-CAM layer (default: the last convolution); only with ``method="gradcam"``.
+        method: Attribution method (:func:`federation.inference.attribution.available_attributions`).
 
     Returns:
         Input name -> PNG path.
+
+    Raises:
+        ValueError: Unknown method, or ``target_layer`` with a method other than ``gradcam``.
     """
-    explainer = GradCamExplainer(model, target_layer=target_layer)
+    if target_layer is not None and method != "gradcam":
+        raise ValueError(f"a target layer applies to --method gradcam only, not {method!r}")
+    options = {"target_layer": target_layer} if target_layer is not None else {}
+    explainer = make_attributor(method, model, **options)
     out = Path(out_dir)
     written: dict[str, Path] = {}
     positive = _label(meta, int(meta.get("positive_class", 1)))
     for item, pred in zip(inputs, predictions):
         target = pred.predicted_class if class_index is None else class_index
         cam = explainer(item.image[None], class_index=target)[0]
-        title = f"{item.name}\nP({positive}) = {pred.p_positive:.3f} · CAM: {_label(meta, target)}"
-        written[item.name] = save_overlays([Overlay(item.image, cam, title)], out / overlay_name(item.name))
+        title = f"{item.name}\nP({positive}) = {pred.p_positive:.3f} · {method}: {_label(meta, target)}"
+        written[item.name] = save_overlays(
+            [Overlay(item.image, cam, title)], out / overlay_name(item.name), label=f"{method} (1 = strongest)"
+        )
     return written
