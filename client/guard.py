@@ -20,10 +20,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 
 from client.clinical_guard import CLINICAL_METRICS, case_count_problems, count_problems, group_size_problems
 from federation.compression import transfer_layout
+from federation.flower_internals import ErrorCode
 from federation.training.results import TRAIN_METRICS as _TRAIN_METRIC_NAMES
 from federation.training.results import UNPRIVATIZED_TRAIN_METRICS
 

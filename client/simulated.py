@@ -19,23 +19,23 @@ config (one run config serves every virtual node) and obeys the ``attack.*`` and
 ``faults.*`` scenarios; a real site takes its name, folders and policy from its
 own node config only and never attacks or fails on purpose.
 
-This is the only place on the site's side that looks at Ray or Flower internals.
+This is the only place on the site's side that asks about Ray or Flower internals, through
+:mod:`federation.flower_internals` (the actor's class).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 from collections.abc import Mapping
 from typing import Any
+
+from federation.flower_internals import FLOWER_SIMULATION_ACTOR, current_ray_actor_class
 
 logger = logging.getLogger(__name__)
 
 #: Node-config key of a hospital's own disk (client.site.NODE_STATE_DIR).
 NODE_STATE_DIR = "state-dir"
-#: ``(module, class)`` of the Ray actor that runs the ClientApp in Flower's simulation engine (flwr 1.42).
-FLOWER_SIMULATION_ACTOR = ("flwr.simulation.ray_transport.ray_actor", "ClientAppActor")
 
 
 def is_simulated_site(node_config: Mapping[str, Any]) -> bool:
@@ -59,18 +59,5 @@ def runs_in_simulation() -> bool:
 
 @functools.cache
 def _in_flower_simulation_actor() -> bool:
-    ray = sys.modules.get("ray")  # a Ray worker imports Ray before it runs any task; never import it here
-    if ray is None:
-        return False
-    try:
-        if not ray.is_initialized():
-            return False
-        context = ray.get_runtime_context()
-        if context.get_actor_id() is None:  # a driver or a plain task, not an actor
-            return False
-        descriptor = context.current_actor._ray_actor_creation_function_descriptor  # noqa: SLF001
-        actor = (descriptor.module_name, descriptor.class_name)
-    except Exception:  # noqa: BLE001 - anything unexpected: not a simulation, the safe answer
-        logger.debug("cannot tell the Ray actor of this process; treating the site as real", exc_info=True)
-        return False
-    return actor == FLOWER_SIMULATION_ACTOR
+    # a Ray worker imports Ray before it runs any task; the adapter never imports it
+    return current_ray_actor_class() == FLOWER_SIMULATION_ACTOR

@@ -47,7 +47,9 @@ def patch_supernode_polling(interval: float) -> ModuleType:
     """
     if not 0 < interval <= 3:
         raise ValueError(f"--poll-interval must be in (0, 3] seconds, got {interval}")
-    from flwr.supernode import start_client_internal as module  # noqa: PLC0415 - patch target
+    from federation.flower_internals import supernode_polling_module  # noqa: PLC0415
+
+    module = supernode_polling_module()  # the patch target
 
     if getattr(module, "time", None) is not _time and not isinstance(getattr(module, "time", None), CappedSleepTime):
         raise RuntimeError(
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         rest = rest[1:]
     os.environ.setdefault(POLL_ENV, str(args.poll_interval))
     patch_supernode_polling(args.poll_interval)
-    from flwr.supernode.cli import flower_supernode  # noqa: PLC0415 - after the patch
+    from federation.flower_internals import flower_supernode_main  # noqa: PLC0415
+
+    flower_supernode = flower_supernode_main()  # after the patch
 
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 
 import tomli_w
-from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+from federation.flower_internals import DEFAULT_FLOWER_CONFIG_TOML
 
 
 def flwr_home() -> Path:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from federation.flower_internals import is_in_memory_grid
+
 
 class PollingGrid(Grid):
     """A Grid whose ``send_and_receive`` polls for replies every ``interval`` seconds."""
@@ -103,9 +105,7 @@ def with_poll_interval(grid: Grid, *, interval: float, simulation_interval: floa
     Returns:
         ``grid`` itself when its interval is 0 or it is already wrapped, else a :class:`PollingGrid`.
     """
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # noqa: PLC0415 - private module, pinned flwr
-
-    chosen = simulation_interval if isinstance(grid, InMemoryGrid) else interval
+    chosen = simulation_interval if is_in_memory_grid(grid) else interval
     if chosen <= 0 or isinstance(grid, PollingGrid):
         return grid
     return PollingGrid(grid, interval=chosen)

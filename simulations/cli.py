@@ -37,11 +37,11 @@ SetOpt = Annotated[
 
 def _setup_logging(verbose: bool) -> None:
     """medfed's own log through rich; Flower keeps its own handler (quiet unless verbose)."""
-    import flwr.supercore.logger  # noqa: F401  (sets up the "flwr" logger before we adjust it)
+    from federation.flower_internals import flower_logger  # noqa: PLC0415 - Flower only when a command runs
 
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, handlers=[RichHandler(console=console, show_path=False)], force=True)
-    flower = logging.getLogger("flwr")
+    flower = flower_logger()  # set up by Flower first, then adjusted
     flower.propagate = False
     flower.setLevel(logging.DEBUG if verbose else logging.WARNING)
 

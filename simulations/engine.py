@@ -7,7 +7,9 @@ outlives the command and, unless told otherwise, installs the app's dependencies
 with uv (a GB-size CUDA torch). Both need the network or leave processes behind.
 
 So the harness drives the same engine entry point that Flower's own
-``flwr-simulation`` process uses (``_run_simulation``), in this process, with:
+``flwr-simulation`` process uses, in this process (through
+:func:`federation.flower_internals.run_simulation_engine`, the one place that
+touches the engine's internals, version-checked), with:
 
 * a :class:`~flwr.supercore.run.Run` whose ``override_config`` is the complete,
   validated medfed config in run-config form, and an app directory holding a
@@ -21,29 +23,30 @@ exit hook for the site workers (:func:`start_ray`), so the harness can start it
 while the driver still imports. One private piece of the engine is replaced for
 the run: the loop that hands the ServerApp's instructions to the site workers
 looks for them as soon as they are stored instead of every 0.1 s
-(:func:`enqueue_on_push`).
+(:func:`federation.flower_internals.enqueue_on_push`).
 
 Ray is shut down when the run ends, so nothing is left running. The private
-entry points are pinned by the ``flwr`` version range in pyproject.toml and
-exercised by tests/test_engine.py and the integration tests.
+entry points are pinned by the ``flwr`` version range in pyproject.toml, checked
+by :func:`federation.flower_internals.check_flower_version`, and exercised by
+tests/test_engine.py and the integration tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from federation.config import ExperimentConfig, to_flat
+from federation.flower_internals import run_simulation_engine
 
 logger = logging.getLogger(__name__)
 
@@ -183,53 +186,6 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-#: Longest wait between two looks for new instructions (Flower's own tick).
-PUSH_WAIT_S = 0.1
-
-
-def enqueue_on_push(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
-    """Flower's ``add_messages_to_queue``, woken by the ServerApp's push instead of a tick.
-
-    Flower's engine looks for new instructions every 0.1 s, so each phase of a round
-    (train, evaluate) started 0.05 s late on average: ~0.1 s of a 2.4 s round of the
-    default preset on the dev box. This loop does what Flower's does (one instruction
-    per node per look, marked delivered by the link state) but also looks as soon as
-    the ServerApp stores an instruction; without one it waits ``PUSH_WAIT_S`` as
-    before, and it ends on ``f_stop`` as before.
-    """
-    pushed = threading.Event()
-    store = state.store_message_ins
-
-    def store_and_wake(message: Any) -> Any:
-        message_id = store(message)
-        pushed.set()
-        return message_id
-
-    state.store_message_ins = store_and_wake  # the grid stores through this same state object
-    try:
-        while not f_stop.is_set():
-            pushed.clear()  # a push from here on wakes the next wait
-            for node_id in nodes_mapping.keys():
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(message)
-            pushed.wait(PUSH_WAIT_S)
-    finally:
-        del state.store_message_ins
-
-
-@contextlib.contextmanager
-def _prompt_dispatch() -> Iterator[None]:
-    """Use :func:`enqueue_on_push` in Flower's engine for one run (pinned by tests/test_engine.py)."""
-    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
-
-    original = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = enqueue_on_push
-    try:
-        yield
-    finally:
-        vce_api.add_messages_to_queue = original
-
-
 def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
     """Run one simulated federation to completion; returns when Ray has stopped.
 
@@ -238,44 +194,20 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         verbose: Show Flower's and Ray's logs.
     """
     start_ray(verbose=verbose)  # unless the harness started it already
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
     from client.app import app as client_app
     from server.app import app as server_app
 
-    flat = to_flat(config)
-    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-    run = Run.create_empty(run_id=run_id)
-    run.override_config = dict(flat)
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
     with tempfile.TemporaryDirectory(prefix="medfed-app-") as tmp:
         app_dir = write_app_dir(Path(tmp), config)
         try:
-            with _prompt_dispatch():
-                _run_simulation(
-                    num_supernodes=config.data.num_sites,
-                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app,
-                    server_app=server_app,
-                    backend_name="ray",
-                    backend_config=_backend_config(config, verbose=verbose),
-                    server_app_context=context,
-                    app_dir=str(app_dir),
-                    run=run,
-                    is_app=True,  # makes every SuperNode fuse its run config from app_dir
-                    verbose_logging=verbose,
-                )
+            run_simulation_engine(
+                client_app=client_app,
+                server_app=server_app,
+                num_supernodes=config.data.num_sites,
+                run_config=to_flat(config),
+                backend_config=_backend_config(config, verbose=verbose),
+                app_dir=str(app_dir),
+                verbose=verbose,
+            )
         finally:
             stop_ray()

@@ -1,7 +1,8 @@
 """Save and restore the server-side state of strategies, so that a resumed run
 continues exactly where it stopped.
 
-Stateful strategies and what is saved (attribute names as in Flower 1.42):
+Stateful strategies and what is saved (attribute names as in Flower 1.42, read and
+written through :mod:`strategies.flower_internals`):
 
 * FedAdam / FedYogi / FedAdagrad (``FedOpt``): ``current_arrays``, ``m_t``, ``v_t``
   (each ``dict[str, NDArray] | None``).
@@ -24,14 +25,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedAvgM, Strategy
-from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
-from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy import Strategy
 
+from strategies import flower_internals as flower
 from strategies.wrapper import iter_layers
 
 logger = logging.getLogger(__name__)
@@ -75,47 +74,40 @@ def _load_list(prefix: str, state: Mapping[str, np.ndarray | float]) -> list[np.
 
 
 def _dump_fedopt(strategy: Strategy) -> StrategyState:
-    fedopt = cast(FedOpt, strategy)
-    return {
-        **_dump_named("fedopt/current_arrays", fedopt.current_arrays),
-        **_dump_named("fedopt/m_t", fedopt.m_t),
-        **_dump_named("fedopt/v_t", fedopt.v_t),
-    }
+    state: StrategyState = {}
+    for name, arrays in flower.fedopt_fields(strategy).items():
+        state.update(_dump_named(f"fedopt/{name}", arrays))
+    return state
 
 
 def _load_fedopt(strategy: Strategy, state: Mapping[str, np.ndarray | float]) -> None:
-    fedopt = cast(FedOpt, strategy)
-    fedopt.current_arrays = _load_named("fedopt/current_arrays", state)
-    fedopt.m_t = _load_named("fedopt/m_t", state)
-    fedopt.v_t = _load_named("fedopt/v_t", state)
+    flower.set_fedopt_fields(
+        strategy, {name: _load_named(f"fedopt/{name}", state) for name in ("current_arrays", "m_t", "v_t")}
+    )
 
 
 def _dump_fedavgm(strategy: Strategy) -> StrategyState:
-    fedavgm = cast(FedAvgM, strategy)
-    current = fedavgm.current_arrays
+    current, momentum = flower.fedavgm_fields(strategy)
     named = None if current is None else {name: array.numpy() for name, array in current.items()}
     return {
         **_dump_named("fedavgm/current_arrays", named),
-        **_dump_list("fedavgm/momentum_vector", fedavgm.momentum_vector),
+        **_dump_list("fedavgm/momentum_vector", momentum),
     }
 
 
 def _load_fedavgm(strategy: Strategy, state: Mapping[str, np.ndarray | float]) -> None:
-    fedavgm = cast(FedAvgM, strategy)
     named = _load_named("fedavgm/current_arrays", state)
-    fedavgm.current_arrays = (
-        None if named is None else ArrayRecord({name: Array(value) for name, value in named.items()})
-    )
-    fedavgm.momentum_vector = _load_list("fedavgm/momentum_vector", state)
+    current = None if named is None else ArrayRecord({name: Array(value) for name, value in named.items()})
+    flower.set_fedavgm_fields(strategy, current, _load_list("fedavgm/momentum_vector", state))
 
 
 def _dump_dp_adaptive(strategy: Strategy) -> StrategyState:
-    return {"dp_adaptive/clipping_norm": float(cast(DifferentialPrivacyAdaptiveBase, strategy).clipping_norm)}
+    return {"dp_adaptive/clipping_norm": flower.clipping_norm(strategy)}
 
 
 def _load_dp_adaptive(strategy: Strategy, state: Mapping[str, np.ndarray | float]) -> None:
     if "dp_adaptive/clipping_norm" in state:
-        cast(DifferentialPrivacyAdaptiveBase, strategy).clipping_norm = float(state["dp_adaptive/clipping_norm"])
+        flower.set_clipping_norm(strategy, float(state["dp_adaptive/clipping_norm"]))
 
 
 @dataclass(frozen=True)
@@ -129,9 +121,9 @@ class _Handler:
 
 
 _HANDLERS = (
-    _Handler("fedopt", FedOpt, _dump_fedopt, _load_fedopt),
-    _Handler("fedavgm", FedAvgM, _dump_fedavgm, _load_fedavgm),
-    _Handler("dp_adaptive", DifferentialPrivacyAdaptiveBase, _dump_dp_adaptive, _load_dp_adaptive),
+    _Handler("fedopt", flower.STATEFUL_KINDS["fedopt"], _dump_fedopt, _load_fedopt),
+    _Handler("fedavgm", flower.STATEFUL_KINDS["fedavgm"], _dump_fedavgm, _load_fedavgm),
+    _Handler("dp_adaptive", flower.STATEFUL_KINDS["dp_adaptive"], _dump_dp_adaptive, _load_dp_adaptive),
 )
 
 

@@ -13,7 +13,7 @@ weight factors ``f_i = w_i / sum(w)``) but
 
 * reads each reply's array *in place*: a zero-copy NumPy view on the ``.npy``
   bytes the reply already holds (``Array.numpy()`` only where the bytes are not a
-  plain C-ordered array);
+  plain C-ordered array; :func:`strategies.flower_internals.array_view`);
 * folds the replies into the running sum one array (layer) at a time, so the
   partial sum of a layer stays in the CPU cache while the replies stream past it,
   and only one scratch buffer of the largest layer is ever allocated (per worker
@@ -37,9 +37,6 @@ code.
 
 from __future__ import annotations
 
-import functools
-import io
-import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -50,48 +47,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-_NPY_MAGIC = b"\x93NUMPY"
+from strategies.flower_internals import array_view, valid_replies
 
-
-@functools.lru_cache(maxsize=4096)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """``(dtype, shape)`` of a C-ordered, pickle-free ``.npy`` header; None for anything else."""
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        return None
-    if fortran_order or dtype.hasobject:
-        return None
-    return dtype, tuple(shape)
-
-
-def array_view(array: Array) -> np.ndarray:
-    """A read-only NumPy view on ``array``'s bytes (no copy); ``array.numpy()`` where that is impossible.
-
-    Args:
-        array: A Flower :class:`~flwr.app.Array` (``.npy`` serialized).
-
-    Returns:
-        An array equal to ``array.numpy()``.
-    """
-    data = array.data
-    view = memoryview(data)
-    if len(view) >= 10 and bytes(view[:6]) == _NPY_MAGIC:
-        major = view[6]
-        start = 10 if major == 1 else 12
-        length = int.from_bytes(view[8:start], "little")
-        parsed = _npy_header(bytes(view[: start + length]))
-        if parsed is not None:
-            dtype, shape = parsed
-            count = math.prod(shape)
-            if len(view) == start + length + count * dtype.itemsize:
-                return np.frombuffer(data, dtype=dtype, count=count, offset=start + length).reshape(shape)
-    return array.numpy()
-
+__all__ = [
+    "StreamingFedAdagrad", "StreamingFedAdam", "StreamingFedAvg", "StreamingFedAvgM", "StreamingFedProx",
+    "StreamingFedYogi", "aggregate_arrayrecords_streaming", "array_view",
+]
 
 def _weight_factors(records: Sequence[RecordDict], weighting_metric_name: str) -> list[float]:
     """Flower's weight factors ``w_i / sum(w)`` (same float operations, same order)."""
@@ -168,10 +129,10 @@ class StreamingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate ArrayRecords and MetricRecords in the received Messages (as FedAvg does)."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
+        valid = valid_replies(self, replies, is_train=True)  # FedAvg's own check
+        if not valid:
             return None, None
-        contents = [msg.content for msg in valid_replies]
+        contents = [msg.content for msg in valid]
         arrays = aggregate_arrayrecords_streaming(contents, self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return arrays, metrics

@@ -112,7 +112,7 @@ def _start_dispatch(state, monkeypatch, wait_s: float):
     import queue
     import threading
 
-    from simulations import engine
+    from federation import flower_internals as engine  # the engine's internals live in the adapter
 
     monkeypatch.setattr(engine, "PUSH_WAIT_S", wait_s)
     instructions: queue.Queue = queue.Queue()
@@ -153,7 +153,7 @@ def test_flower_engine_still_has_the_loop_medfed_replaces() -> None:
 
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from simulations.engine import enqueue_on_push
+    from federation.flower_internals import enqueue_on_push
 
     assert list(inspect.signature(vce_api.add_messages_to_queue).parameters) == list(
         inspect.signature(enqueue_on_push).parameters

@@ -10,7 +10,8 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+
+from federation.flower_internals import generate_shared_key
 
 _CURVE = ec.SECP384R1()
 _MASK_INFO = b"medfed secagg pairwise mask"

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
-from flwr.common.secure_aggregation.secaggplus_utils import (
+
+from federation.flower_internals import (
+    create_shares,
+    decrypt,
+    encrypt,
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-
 from federation.secagg import keys
 from federation.secagg.params import SecAggParams
 from federation.secagg.vectors import prg_mask

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
+from federation.flower_internals import combine_shares
 from federation.secagg import keys
 from federation.secagg.site import mask_sign
 from federation.secagg.vectors import prg_mask
