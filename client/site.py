@@ -411,6 +411,11 @@ def evaluate_round(
     data = load_data(config, settings)
     model = _build(config, data, dp=False)
     model.load_state_dict(dict(global_weights))
+    task_metrics = get_task(config.data.task).site_metrics(
+        model=model, data=data, config=config, device=select_device(config.train.device))
+    if task_metrics is not None:  # the task's own aggregates (segmentation: Dice, HD95 over >= 5 cases each)
+        release_model(model)
+        return task_metrics
     result = evaluate(
         model=model,
         dataset=data.test,
