@@ -200,3 +200,45 @@ def test_dicom_volume_labels_outside_the_site_folder_are_refused(tmp_path: Path)
     (tmp_path / "elsewhere.csv").write_text("series_instance_uid,label\n", encoding="utf-8")
     with pytest.raises(ValueError, match="resolves outside the site folder"):
         load_volume_site(tmp_path / "site", settings=DicomSettings(labels="../elsewhere.csv"), size=8)
+
+
+def _write_seg(files: list[Path], out: Path, *, lesion_slices: tuple[int, ...]) -> None:
+    """A DICOM SEG (highdicom) of a written CT series: a box lesion (class 1) on the given slice numbers."""
+    from federation.inference.writeback import ModelIdentity, segmentation_object
+
+    sources = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    labelmap = np.zeros((len(sources), 128, 128), np.uint8)
+    for i, ds in enumerate(sources):
+        if int(ds.InstanceNumber) - 1 in lesion_slices:
+            labelmap[i, 40:88, 48:96] = 1
+    seg = segmentation_object(source_images=sources, labelmap=labelmap, label_names=["background", "lesion"],
+                              model=ModelIdentity(name="annotator", version="1", sha256="-"))
+    seg.save_as(out, enforce_file_format=True)
+
+
+def test_dicom_seg_labels_align_with_their_series_for_3d_segmentation(tmp_path: Path) -> None:
+    import torch
+
+    from federation.config.schema import DataConfig, ModelConfig
+    from federation.data import check_site_data, load_dataset
+    from federation.models import build_model
+
+    for i in range(4):
+        _, files = write_ct_series(tmp_path / f"s{i}", slices=4, seed=200 + i, patient_id=f"SEG-P{i}")
+        _write_seg(files, tmp_path / f"s{i}" / "seg.dcm", lesion_slices=(1, 2))
+    write_ct_series(tmp_path / "unsegmented", slices=4, seed=299, patient_id="SEG-P9")
+    config = DataConfig(dataset="dicom_seg", task="segmentation", data_dir=str(tmp_path), volume_shape="8,16,16",
+                        dicom_label_names="background,lesion", dicom_channels=1, dicom_test_fraction=0.25)
+    splits = load_dataset(config, seed=0)
+    check_site_data(config, splits)
+    assert splits.train_images.shape == (3, 1, 8, 16, 16) and splits.test_masks.shape == (1, 1, 8, 16, 16)
+    masks = np.concatenate([splits.train_masks, splits.test_masks])[:, 0]
+    # slices 1-2 of 4 -> depths 2..5 of 8; rows 40:88 and columns 48:96 of 128 -> 5:11 and 6:12 of 16
+    expected = np.zeros((8, 16, 16), np.uint8)
+    expected[2:6, 5:11, 6:12] = 1
+    for mask in masks:
+        np.testing.assert_array_equal(mask, expected)
+    torch.manual_seed(0)
+    unet = build_model(ModelConfig(name="unet", width=4), in_channels=1, num_classes=2, spatial_dims=3, dp=False,
+                       task="segmentation")
+    assert unet(torch.from_numpy(np.array(splits.train_images))).shape == (3, 2, 8, 16, 16)

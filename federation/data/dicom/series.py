@@ -41,6 +41,9 @@ SERIES_REASONS: dict[str, str] = {
 }
 """Why a series is set aside: code -> explanation."""
 
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "DOC"})
+"""Objects that are not image slices (labels, reports, presentation states): never part of a volume."""
+
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between two slices' direction cosines still counted as one orientation."""
 SPACING_TOLERANCE = 0.05
@@ -240,7 +243,7 @@ def read_series(
     """Read DICOM files, group them by Series Instance UID and assemble each series.
 
     Args:
-        paths: The files (non-DICOM files are skipped with a debug log).
+        paths: The files (non-DICOM files and :data:`NON_IMAGE_MODALITIES` objects are skipped).
         root: Sources are named relative to it (default: as given).
         min_slices: Series with fewer slices are set aside (``too_few_slices``).
         key_patient: PatientID -> its keyed hash (the site's, e.g. with its secret salt); ``None``
@@ -261,6 +264,8 @@ def read_series(
                 ds = pydicom.dcmread(path)
         except Exception as exc:  # noqa: BLE001 - not DICOM: not part of any series
             logger.debug("skipping %s: %s", path, exc)
+            continue
+        if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or f"(no series UID: {name})"
         counts[uid] += 1

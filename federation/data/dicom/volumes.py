@@ -130,3 +130,6 @@ def declared_volume_info(config: Any) -> DatasetInfo | list[str]:
 
 def _register() -> None:
     register_dataset("dicom_volume", load_dicom_volume_splits, site_only=declared_volume_info, replace=True)
+    from federation.data.dicom.seg_volumes import _register as register_seg  # noqa: PLC0415 - imports this module
+
+    register_seg()
