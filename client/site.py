@@ -160,7 +160,7 @@ def site_data_config(config: ExperimentConfig, settings: SiteSettings) -> DataCo
             names it; the coordinator gets the uniform error reply).
     """
     data = config.data.model_copy(update={"data_dir": settings.data_dir})
-    if settings.simulated or data.dataset not in ("dicom", "dicom_volume"):
+    if settings.simulated or data.dataset not in ("dicom", "dicom_volume", "dicom_seg"):
         return data
     from federation.data.dicom.confine import confine  # noqa: PLC0415
 
