@@ -3,13 +3,15 @@
 The map is computed at the network's last convolution (override with
 ``target_layer``), upsampled to the input size and scaled to ``[0, 1]`` by MONAI.
 
-Known limit (measured with ``bench/explain_pointing.py``, docs/RESULTS.md): on the
-default preset's small DP-trained CNN, every layer's Grad-CAM is hottest at the
-image border - the top-left corner for most images - because a zero-padded
-convolution's activations near the border are large for *every* image, and
-Grad-CAM weighs raw activations (no reference image). It almost never points at
-the lesion although occlusion shows that the model's output depends on it; the
-default explanation is therefore ``integrated_gradients`` (:mod:`federation.inference.attribution`).
+Scaling: MONAI's default post-processing (``default_normalizer``) maps the
+maximum to 0 and the minimum to 1 - it *flips* the map - so medfed passes
+:func:`_unit_scale` instead (0 stays 0, the maximum becomes 1). With the flip, the
+hottest pixel shown was the coldest Grad-CAM cell, and the ~2/3 of cells that
+Grad-CAM's ReLU sets to 0 all tied at "1", so the pointing game picked the
+top-left pixel: 0 of 277 hits on the default preset's model (issue 19). The
+remaining limit of Grad-CAM here is resolution: the last convolution of the
+default CNN sees 7x7 cells of a 28-pixel image (``bench/explain_pointing.py``,
+docs/RESULTS.md compare it with the other methods).
 The PNG drawing lives in :mod:`federation.inference.overlays` (re-exported here).
 """
 
@@ -37,6 +39,13 @@ def default_target_layer(model: nn.Module) -> str:
     return convs[-1]
 
 
+def _unit_scale(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each upsampled map ``(N, 1, *spatial)`` to a maximum of 1 (negatives clipped; all-zero maps stay 0)."""
+    maps = maps.clamp(min=0)
+    peak = maps.flatten(1).amax(dim=1).view(-1, *([1] * (maps.ndim - 1)))
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 class GradCamExplainer:
     """Grad-CAM for one model with MONAI's :class:`~monai.visualize.GradCAM`.
 
@@ -55,7 +64,7 @@ class GradCamExplainer:
         names = {name for name, _ in model.named_modules()}
         if self.target_layer not in names:
             raise ValueError(f"Grad-CAM layer {self.target_layer!r} is not a module of {type(model).__name__}")
-        self._cam = GradCAM(nn_module=model, target_layers=self.target_layer)
+        self._cam = GradCAM(nn_module=model, target_layers=self.target_layer, postprocessing=_unit_scale)
 
     def __call__(self, images: np.ndarray | torch.Tensor, *, class_index: int | None = None) -> np.ndarray:
         """Maps of ``images`` ``(N, C, H, W)`` for ``class_index`` (default: each image's arg-max class).
