@@ -45,13 +45,23 @@ class UnsupportedFlowerError(RuntimeError):
 
 
 def installed_flower_version() -> str:
-    """The installed Flower's version (from the ``flwr`` or ``flwr-nightly`` distribution)."""
-    for distribution in ("flwr", "flwr-nightly"):
-        try:
-            return importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    raise UnsupportedFlowerError(f"Flower is not installed: pip install 'flwr[simulation]{SUPPORTED_FLWR}'")
+    """The version of the Flower that ``import flwr`` loads (the ``flwr`` or ``flwr-nightly`` distribution).
+
+    Read from the distribution installed beside the package that would be imported
+    (without importing it), so a ``flwr-nightly`` in a venv layered over another
+    venv's ``flwr`` reports the nightly.
+    """
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("flwr")
+    if spec is None or spec.origin is None:
+        raise UnsupportedFlowerError(f"Flower is not installed: pip install 'flwr[simulation]{SUPPORTED_FLWR}'")
+    site = str(Path(spec.origin).resolve().parent.parent)
+    for distribution in importlib.metadata.distributions(path=[site]):
+        if (distribution.metadata["Name"] or "").lower() in ("flwr", "flwr-nightly"):
+            return distribution.version
+    return importlib.metadata.version("flwr")
 
 
 def _minor(version: str) -> tuple[int, int] | None:

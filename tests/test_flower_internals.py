@@ -66,6 +66,7 @@ def test_the_installed_flower_is_supported() -> None:
 
 def test_an_unsupported_flower_fails_with_the_supported_range(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flower_internals, "installed_flower_version", lambda: "1.43.0.dev20261201")
+    monkeypatch.delenv(flower_internals.ALLOW_UNSUPPORTED_ENV, raising=False)
     check_flower_version.cache_clear()
     try:
         with pytest.raises(UnsupportedFlowerError) as err:
