@@ -303,12 +303,12 @@ def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None 
         exported = export_global_model(run, config)
         return None if exported is None else exported.directory
 
-    outputs.produce(EXPORT_OUTPUT, export)
     skipped = get_task(config.data.task).reports_skipped_reason  # segmentation: not adapted yet
-    if skipped is not None:
-        outputs.skip(REPORT_OUTPUT, skipped)
-        outputs.skip(CARD_OUTPUT, skipped)
+    if skipped is not None:  # the export's preprocessing and `medfed predict` serve classifiers too
+        for name in (EXPORT_OUTPUT, REPORT_OUTPUT, CARD_OUTPUT):
+            outputs.skip(name, skipped)
         return outputs
+    outputs.produce(EXPORT_OUTPUT, export)
     outputs.produce(REPORT_OUTPUT, lambda: write_clinical_report(run, config=config))
     outputs.produce(CARD_OUTPUT, lambda: list(write_model_card(run, config)))
     return outputs
