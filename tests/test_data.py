@@ -436,8 +436,8 @@ def test_builtin_datasets_register_on_first_use_and_a_user_override_wins() -> No
     )
     names, size = _fresh(code).splitlines()
     assert names.split() == [
-        "adrenalmnist3d", "breastmnist", "dicom", "dicom_volume", "heart_disease", "msd_hippocampus", "nifti",
-        "pneumoniamnist", "retinamnist", "synthetic", "synthetic_seg"]
+        "adrenalmnist3d", "breastmnist", "dicom", "dicom_seg", "dicom_volume", "heart_disease", "msd_hippocampus",
+        "nifti", "pneumoniamnist", "retinamnist", "synthetic", "synthetic_seg"]
     assert size == "4"
 
 
