@@ -196,14 +196,15 @@ def test_paths_outside_the_site_are_refused_and_every_failure_looks_the_same(
         "index elsewhere": f"data.dicom_cache_dir={outside / 'index'}",
         "missing inside": "data.dicom_labels=nothing.csv",  # an ordinary failure: the same reply
     }
-    with caplog.at_level(logging.ERROR):
-        replies = {what: dicom_site.evaluate(*DICOM, override) for what, override in hostile.items()}
+    with caplog.at_level(logging.ERROR):  # one run each: a site fixes a run's data settings at its first evaluation
+        replies = {what: dicom_site.evaluate(*DICOM, override, run_name=f"probe-{i}")
+                   for i, (what, override) in enumerate(hostile.items())}
     for what, reply in replies.items():
         assert reply.has_error() and reply.error.reason == SITE_ERROR_REASON, what
     assert sorted(p.name for p in outside.iterdir()) == ["labels.csv"]  # no index written there
     assert caplog.text.count("outside this site's own folders") == 4
     assert "data.dicom_cache_dir=" in caplog.text and "data.dicom_labels='../coordinator/labels.csv'" in caplog.text
-    assert not dicom_site.evaluate(*DICOM).has_error()  # its own labels.csv, inside data-dir
+    assert not dicom_site.evaluate(*DICOM, run_name="own").has_error()  # its own labels.csv, inside data-dir
 
 
 def test_the_header_index_keys_patients_with_the_sites_own_salt(dicom_site) -> None:
