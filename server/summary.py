@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from federation.config import ExperimentConfig
@@ -20,18 +21,20 @@ def build_summary(*, run: RunDirectory, config: ExperimentConfig) -> dict[str, A
     completed = [r for r in rounds if r.get("round", 0) > 0]
     final = rounds[-1]["global"] if rounds else {}
     headline = headline_metric(config.data.task)  # auc, or dice for segmentation
-    best = max(
-        (r for r in rounds if (r.get("global") or {}).get(headline) is not None),
+    best = max(  # a round without a global AUC (not evaluated, or undefined: NaN) is not a candidate
+        (r for r in rounds if isinstance((r.get("global") or {}).get(headline), (int, float))
+         and math.isfinite(r["global"][headline])),
         key=lambda r: r["global"][headline],
         default=None,
     )
     site_eval: dict[str, dict[str, float]] = {}
     for row in read_jsonl(run.path / SITES_FILE):
-        if row["phase"] == "evaluate":
-            site_eval[row["site"]] = row["metrics"]
+        if row.get("phase") == "evaluate":
+            site_eval[row["site"]] = row.get("metrics") or {}
     epsilon: dict[str, float] = {}
     for row in read_jsonl(run.path / PRIVACY_FILE):
-        epsilon[row["site"]] = row["epsilon"]
+        if isinstance(row.get("epsilon"), (int, float)):
+            epsilon[row["site"]] = row["epsilon"]
     return {
         "run": run.name,
         "dataset": config.data.dataset,
