@@ -15,6 +15,8 @@ from federation.data import generate_synthetic, load_dataset
 from federation.data.synthetic import generate_synthetic_lesions, synthetic_lesion_masks
 from federation.inference import DEFAULT_ATTRIBUTION, Overlay, available_attributions, make_attributor, save_overlays
 from federation.inference.gradcam import default_target_layer
+from federation.inference.predict import explain_inputs, predict_inputs
+from federation.inference.preprocess import InputImage
 from federation.inference.pointing import pointing_score
 from federation.models.cnn import SmallCNN
 
@@ -150,3 +152,16 @@ def test_overlay_figure_puts_the_image_beside_the_map_with_a_colour_bar(tmp_path
     path = save_overlays([Overlay(image, cam, "a"), Overlay(image, cam, "b")], tmp_path / "o.png", label="ig")
     height, width = mpimg.imread(path).shape[:2]
     assert (width, height) == (640, 2 * 290 + 30)
+
+
+def test_explain_inputs_draws_the_chosen_method_and_checks_its_options(tiny_lesion_model, tmp_path) -> None:
+    model, images, _ = tiny_lesion_model
+    items = [InputImage(name=f"a/{i}.png", image=images[i]) for i in range(2)]
+    meta = {"label_names": ["no lesion", "lesion"], "positive_class": 1, "threshold": 0.5}
+    predictions = predict_inputs(torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval(), items, meta=meta)
+    written = explain_inputs(model, items, predictions, tmp_path, meta=meta, method="occlusion")
+    assert sorted(p.name for p in written.values()) == ["a__0.png.png", "a__1.png.png"]
+    with pytest.raises(ValueError, match="target layer applies to --method gradcam only, not 'occlusion'"):
+        explain_inputs(model, items, predictions, tmp_path, meta=meta, method="occlusion", target_layer="features.5")
+    with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
+        explain_inputs(model, items, predictions, tmp_path, meta=meta, method="lime")
