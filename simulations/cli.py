@@ -54,8 +54,12 @@ def simulate_command(
     baselines: Annotated[
         bool, typer.Option("--baselines", help="Also train pooled and local-only baselines and compare.")
     ] = False,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option("--ray-address", help="Run the sites on this Ray cluster (host:port of `ray start --head`)."),
+    ] = None,
 ) -> None:
-    """Run a whole federation on this machine with the real ClientApp and ServerApp.
+    """Run a whole federation with the real ClientApp and ServerApp (here, or on a Ray cluster).
 
     With no argument: the offline synthetic preset (3 hospitals, DP-SGD, FedAvg).
     """
@@ -63,7 +67,10 @@ def simulate_command(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         resolved = start_simulation(
-            config_path=config, overrides=set_ or [], resume=str(resume) if resume else None, verbose=verbose
+            config_path=config,
+            overrides=[*(set_ or []), *([f"simulation.ray_address={ray_address}"] if ray_address else [])],
+            resume=str(resume) if resume else None,
+            verbose=verbose,
         )
     except (ConfigError, FileNotFoundError) as err:
         fail(str(err))

@@ -96,13 +96,16 @@ def ray_environment() -> dict[str, str]:
     }
 
 
-def _init_args(*, verbose: bool) -> dict[str, Any]:
-    return {
-        "num_cpus": os.cpu_count() or 1,
-        "logging_level": "INFO" if verbose else "ERROR",
-        "log_to_driver": verbose,
-        "include_dashboard": False,
-    }
+def _init_args(*, verbose: bool, address: str = "") -> dict[str, Any]:
+    """``ray.init`` arguments: a local Ray on every core, or (``address``) joining a running cluster.
+
+    A cluster's resources are its nodes' (``ray start --num-cpus/--num-gpus``), so
+    none are given when joining one.
+    """
+    logs = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if address:
+        return {"address": address, **logs}
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, **logs}
 
 
 def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any]:
@@ -111,12 +114,14 @@ def _backend_config(config: ExperimentConfig, *, verbose: bool) -> dict[str, Any
     medfed's runs start Ray themselves (:func:`start_ray`, same ``init_args``);
     bench/_vanilla_flower.py lets Flower start it with this config.
     """
+    address = config.simulation.ray_address
+    cpus = config.simulation.cpus_per_site  # on a cluster a node may have more cores than this machine
     return {
-        "client_resources": {
-            "num_cpus": min(config.simulation.cpus_per_site, os.cpu_count() or 1),
+        "client_resources": {  # each site actor's Ray resources: Ray's scheduler places them on the nodes
+            "num_cpus": cpus if address else min(cpus, os.cpu_count() or 1),
             "num_gpus": config.simulation.gpus_per_site,
         },
-        "init_args": _init_args(verbose=verbose),
+        "init_args": _init_args(verbose=verbose, address=address),
     }
 
 
@@ -151,7 +156,7 @@ def _runtime_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
-def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
+def start_ray(*, verbose: bool = False, preload: Sequence[str] = (), address: str = "") -> None:
     """Start Ray for a simulation (as Flower's Ray backend would), importing ``preload`` meanwhile.
 
     Flower's backend starts Ray only if it is not running yet, so the run uses
@@ -164,6 +169,12 @@ def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
     the thread that started them. ``preload`` must not import Ray or Flower, which
     this thread imports meanwhile (two threads importing one package can deadlock).
     Does nothing if Ray is already running.
+
+    ``address`` (``simulation.ray_address``): connect this process to that running
+    Ray cluster instead of starting a local Ray; the site actors then run on its
+    nodes, and :func:`stop_ray` only disconnects (the cluster keeps running). The
+    workers get this process's ``sys.path`` (:func:`_runtime_env`) and read their
+    data from the run config's ``data.data_dir``: both must exist on every node.
     """
     _set_environment()
     import ray  # noqa: PLC0415 - before the loader starts: the two threads import disjoint packages
@@ -173,13 +184,17 @@ def start_ray(*, verbose: bool = False, preload: Sequence[str] = ()) -> None:
     loader = threading.Thread(target=_preload, args=(tuple(preload),), name="medfed-preload", daemon=True)
     loader.start()
     try:
-        ray.init(runtime_env=_runtime_env(), **_init_args(verbose=verbose))
+        ray.init(runtime_env=_runtime_env(), **_init_args(verbose=verbose, address=address))
     finally:
         loader.join()
 
 
 def stop_ray() -> None:
-    """Shut Ray down if it runs (after a run, or a config that failed its checks after :func:`start_ray`)."""
+    """Shut Ray down if it runs (after a run, or a config that failed its checks after :func:`start_ray`).
+
+    Connected to a cluster (``simulation.ray_address``), this only disconnects: the
+    cluster and its other jobs keep running.
+    """
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
@@ -193,7 +208,7 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         config: A resolved config (absolute paths, fixed run name).
         verbose: Show Flower's and Ray's logs.
     """
-    start_ray(verbose=verbose)  # unless the harness started it already
+    start_ray(verbose=verbose, address=config.simulation.ray_address)  # unless the harness started it already
     from client.app import app as client_app
     from server.app import app as server_app
 

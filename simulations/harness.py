@@ -73,7 +73,7 @@ def start_simulation(
     scenario checks stops Ray again before the error is raised.
     """
     config, source = _read_config(config_path=config_path, overrides=overrides, resume=resume)
-    start_ray(verbose=verbose, preload=CORE_MODULES)
+    start_ray(verbose=verbose, preload=CORE_MODULES, address=config.simulation.ray_address)
     try:
         return config if source is None else _complete_config(config, source)
     except BaseException:

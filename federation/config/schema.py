@@ -12,6 +12,7 @@ be overridden with ``flwr run . --run-config`` as well as ``medfed simulate --se
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -347,6 +348,22 @@ class SimulationConfig(_Section):
     poll_interval: float = Field(
         0.01, ge=0.0, description="Seconds between the ServerApp's pulls for site replies (0 = Flower's 0.1 s)."
     )
+    ray_address: str = Field(
+        "",
+        description="Run the simulated sites on this running Ray cluster ('host:port' of `ray start --head`, or "
+        "'auto'); '' = start a local Ray. Every node needs this checkout, its venv and the data dir at the same paths.",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "auto") or re.fullmatch(r"[A-Za-z0-9_.\-]+:\d{1,5}", value):
+            return value
+        raise ValueError(
+            f"simulation.ray_address {value!r}: give the head node's 'host:port' (as printed by `ray start --head`), "
+            "'auto' (the cluster this machine belongs to) or '' (a local Ray); Ray Client (ray://) is not supported"
+        )
 
 
 class FaultsConfig(_Section):
