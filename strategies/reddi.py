@@ -51,4 +51,4 @@ def build_fedadam_reddi(config: StrategyConfig, *, num_sites: int, **common: Any
     )
 
 
-register_strategy("fedadam-reddi", build_fedadam_reddi, overwrite=True)
+register_strategy("fedadam-reddi", build_fedadam_reddi, replace=True)

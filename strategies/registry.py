@@ -41,7 +41,19 @@ How to register a new strategy
        register_strategy("fedavg-logged", _build_fedavg_logged)
 
    Registering an existing name raises ``ValueError`` unless
-   ``overwrite=True`` is passed.
+   ``replace=True`` is passed (the one rule of :mod:`federation.registries`,
+   shared with models and datasets).
+
+   **From an installed package (coordinator only).** A package can offer builders
+   through the ``medfed.strategies`` entry-point group, each under its strategy
+   name::
+
+       [project.entry-points."medfed.strategies"]
+       fedavg-logged = "my_package.strategies:build_fedavg_logged"
+
+   They are registered on the registry's first use (:func:`load_strategy_plugins`).
+   Only packages installed at the coordinator count: a run config selects a name,
+   never names code to import (it reaches every hospital).
 
 3. Select it with ``strategy.name: fedavg-logged`` in the YAML config (or
    ``--set strategy.name=fedavg-logged``). :func:`build_strategy` looks the name
@@ -72,8 +84,8 @@ hospital). Enforcing the quorum on *replies* is the job of
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
-import re
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -81,6 +93,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from federation.config import StrategyConfig
+from federation.registries import check_new_name, unknown_name
 from strategies.metrics import aggregate_metrics_nan_safe
 
 logger = logging.getLogger(__name__)
@@ -88,8 +101,10 @@ logger = logging.getLogger(__name__)
 StrategyBuilder = Callable[..., Strategy]
 """``builder(config: StrategyConfig, *, num_sites: int, **common) -> Strategy``."""
 
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
 _REGISTRY: dict[str, StrategyBuilder] = {}
+#: The entry-point group of coordinator-side strategy plug-ins (name -> builder).
+PLUGIN_GROUP = "medfed.strategies"
+_plugins_loaded = False
 
 
 class CommonStrategyKwargs(TypedDict):
@@ -104,7 +119,7 @@ class CommonStrategyKwargs(TypedDict):
     evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
 
 
-def register_strategy(name: str, builder: StrategyBuilder, *, overwrite: bool = False) -> None:
+def register_strategy(name: str, builder: StrategyBuilder, *, replace: bool = False) -> None:
     """Register a strategy builder under a name.
 
     Args:
@@ -112,22 +127,16 @@ def register_strategy(name: str, builder: StrategyBuilder, *, overwrite: bool = 
             used as ``strategy.name`` in the config.
         builder: Callable ``builder(config, *, num_sites, **common) -> Strategy``; see
             this module's docstring.
-        overwrite: Replace an existing registration of ``name`` instead of failing.
+        replace: Replace an existing registration of ``name`` instead of failing.
 
     Raises:
         ValueError: If ``name`` is not a valid lower-case name, or is already
-            registered and ``overwrite`` is False.
+            registered and ``replace`` is False.
         TypeError: If ``builder`` is not callable.
     """
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
-        raise ValueError(
-            f"Invalid strategy name {name!r}: use lower-case letters, digits, '_' or '-', "
-            "starting with a letter."
-        )
+    check_new_name("strategy", name, _REGISTRY, replace=replace)
     if not callable(builder):
-        raise TypeError(f"Strategy builder for {name!r} must be callable, got {type(builder).__name__}.")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"Strategy {name!r} is already registered; pass overwrite=True to replace it.")
+        raise TypeError(f"builder for strategy {name!r} must be callable, got {type(builder).__name__}")
     if name in _REGISTRY:
         logger.info("Replacing the registered strategy %r", name)
     _REGISTRY[name] = builder
@@ -137,9 +146,41 @@ def available_strategies() -> list[str]:
     """Return the registered strategy names, sorted.
 
     Returns:
-        The names accepted by ``strategy.name``.
+        The names accepted by ``strategy.name`` (built-in, registered, and the
+        installed plug-ins of :data:`PLUGIN_GROUP`).
     """
+    load_strategy_plugins()
     return sorted(_REGISTRY)
+
+
+def load_strategy_plugins() -> list[str]:
+    """Register the builders that installed packages offer in :data:`PLUGIN_GROUP` (once per process).
+
+    Returns:
+        The plug-in names registered by this call (empty after the first).
+
+    Raises:
+        RuntimeError: A plug-in cannot be imported, or its name is invalid or taken
+            (a plug-in never replaces a registered strategy); the message names the
+            entry point and its package.
+    """
+    global _plugins_loaded  # noqa: PLW0603 - once per process
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    added = []
+    for point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        package = point.dist.name if point.dist is not None else "an unknown package"
+        try:
+            register_strategy(point.name, point.load())
+        except Exception as err:  # noqa: BLE001 - named with its origin, then raised
+            raise RuntimeError(
+                f"strategy plug-in {point.name!r} = {point.value!r} of {package} ({PLUGIN_GROUP} entry point): "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        logger.info("Registered strategy plug-in %r from %s", point.name, package)
+        added.append(point.name)
+    return added
 
 
 def common_strategy_kwargs(config: StrategyConfig, *, num_sites: int) -> CommonStrategyKwargs:
@@ -184,11 +225,10 @@ def build_strategy(config: StrategyConfig, *, num_sites: int) -> Strategy:
     if num_sites < 1:
         raise ValueError(f"data.num_sites must be at least 1, got {num_sites}.")
     key = config.name.strip().lower()
+    load_strategy_plugins()
     builder = _REGISTRY.get(key)
     if builder is None:
-        raise ValueError(
-            f"Unknown strategy.name {config.name!r}. Valid names: {', '.join(available_strategies())}."
-        )
+        raise unknown_name("strategy", key="strategy.name", name=config.name, valid=available_strategies())
     if config.min_sites > num_sites:
         logger.warning(
             "strategy.min_sites=%d exceeds data.num_sites=%d; node minimums are clamped to %d.",

@@ -242,9 +242,9 @@ def test_register_strategy(clean_registry: None) -> None:
         register_strategy("my-median", builder)
     with pytest.raises(ValueError, match="already registered"):
         register_strategy("fedavg", builder)
-    register_strategy("fedavg", builder, overwrite=True)
+    register_strategy("fedavg", builder, replace=True)
     assert type(build_strategy(StrategyConfig(name="fedavg"), num_sites=3)) is FedMedian
-    with pytest.raises(ValueError, match="Invalid strategy name"):
+    with pytest.raises(ValueError, match="invalid strategy name .MyStrategy.: use lower-case"):
         register_strategy("MyStrategy", builder)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from federation.config.schema import DataConfig
 from federation.data.paths import resolve_data_dir
+from federation.registries import check_new_name, unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -287,10 +288,7 @@ def register_dataset(
             false) or the strength is negative.
     """
     _ensure_builtin_datasets()
-    if not name or name != name.strip().lower() or not all(c.isalnum() or c in "_-" for c in name):
-        raise ValueError(f"dataset name {name!r} must be non-empty lower case letters, digits, '_' or '-'")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"dataset '{name}' is already registered; pass replace=True to override it")
+    check_new_name("dataset", name, _REGISTRY, replace=replace)
     if site_shift_strength < 0:
         raise ValueError(f"site_shift_strength for '{name}' must be >= 0, got {site_shift_strength}")
     if site_only is not None and info is not None:
@@ -311,9 +309,7 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown dataset {name!r} (data.dataset); available: {', '.join(available_datasets())}"
-        ) from None
+        raise unknown_name("dataset", key="data.dataset", name=name, valid=available_datasets()) from None
 
 
 def check_dataset_task(config: DataConfig) -> None:

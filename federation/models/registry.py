@@ -20,6 +20,7 @@ from federation.config.loading import ConfigError
 from federation.config.schema import ModelConfig
 from federation.models import cnn, densenet, logreg, resnet, unet
 from federation.models.convert import convert_batchnorm
+from federation.registries import check_new_name, unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ def register_model(
     min_input_size: int | Mapping[str, int] = 8,
     spatial_dims: tuple[int, ...] = SPATIAL_DIMS,
     tasks: tuple[str, ...] = ("classification",),
+    replace: bool = False,
 ) -> None:
-    """Register (or replace) a network under ``name``.
+    """Register a network under ``name`` (the rule of :mod:`federation.registries`).
 
     Args:
         name: The ``model.name`` value that selects it.
@@ -64,14 +66,15 @@ def register_model(
             feature vectors (:data:`TABULAR`).
         tasks: The ``data.task`` values its output serves (``segmentation``: one
             logit map per class, ``(N, num_classes, *spatial)``).
+        replace: Allow replacing an existing registration.
 
     Raises:
-        ValueError: If ``name`` is empty or ``builder`` is not callable.
+        ValueError: If ``name`` is malformed or already registered (and ``replace`` is false).
+        TypeError: If ``builder`` is not callable.
     """
-    if not name:
-        raise ValueError("model name must be a non-empty string")
+    check_new_name("model", name, _REGISTRY, replace=replace)
     if not callable(builder):
-        raise ValueError(f"builder for model {name!r} must be callable, got {type(builder).__name__}")
+        raise TypeError(f"builder for model {name!r} must be callable, got {type(builder).__name__}")
     sizes = {"*": int(min_input_size)} if isinstance(min_input_size, int) else dict(min_input_size)
     if name in _REGISTRY:
         logger.debug("Replacing registered model %r", name)
@@ -88,10 +91,7 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(
-            [f"model.name: unknown model {name!r}; valid names: {', '.join(available_models())}"],
-            source="model config",
-        ) from None
+        raise unknown_name("model", key="model.name", name=name, valid=available_models()) from None
 
 
 def min_input_size(name: str, *, norm: str = "group") -> int:
