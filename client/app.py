@@ -93,7 +93,7 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
     try:
         outcome = evaluate_request(
             config=config, settings=settings, global_weights=msg.content["arrays"].to_torch_state_dict(),
-            policy=policy,
+            policy=policy, server_round=int(msg.content["config"].get("server-round", 0)),
         )
     except DataMismatch as mismatch:  # site-only data unlike the declared classes/channels/size
         reason = refusal("data-mismatch", mismatch.detail)

@@ -10,9 +10,14 @@ every strategy averages identical values (the norm layers are not aggregated), t
 guard's exact-names rule holds, and :func:`check_local_kept` (the outbound guard)
 refuses a reply in which any kept tensor differs from what the coordinator sent.
 
+With ``train.finetune_rounds = F`` the evaluation after the last round first
+fine-tunes the final global model on the site's data for F local rounds
+(:func:`finetune_after_federation`: DP steps in the site's ε and ledger like any
+round) and keeps the result at the site (``personal_model.pt``).
+
 Evaluation then reports the global model's metrics and the site's personalized ones
-(``personal-loss``, ``personal-auc``, ``personal-accuracy``: the global model with the
-site's norm layers) under the same disclosure rules.
+(``personal-loss``, ``personal-auc``, ``personal-accuracy``: its fine-tuned model, or
+the global model with its norm layers) under the same disclosure rules.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from client.guard import OutboundViolation
 from federation.models.convert import norm_state_names
 
 if TYPE_CHECKING:
+    from client.policy import SitePolicy
     from client.site import SiteSettings
+    from federation.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +104,55 @@ def check_local_kept(weights: Mapping[str, torch.Tensor], *, global_weights: Map
         raise OutboundViolation(f"local norm-layer tensors would leave the site: {leaked[:5]}")
 
 
+PERSONAL_MODEL_FILE = "personal_model.pt"
+"""The site's fine-tuned model (``train.finetune_rounds``), in its run state folder; it never leaves."""
+
+
 def personal_state(global_weights: Mapping[str, torch.Tensor], settings: SiteSettings) -> dict[str, torch.Tensor] | None:
-    """The site's personalized model: the global weights with its own norm layers; None if it has none."""
+    """The site's personalized model: its fine-tuned model if it has one, else the global weights with its
+    own norm layers; None if it has neither."""
+    tuned = settings.run_state_dir / PERSONAL_MODEL_FILE
+    if tuned.is_file():
+        return torch.load(tuned, map_location="cpu", weights_only=True)
     saved = load_local_norm(settings)
     if saved is None:
         return None
     return {**dict(global_weights), **saved}
+
+
+def finetune_due(config: ExperimentConfig, server_round: int) -> bool:
+    """Whether an evaluation of ``server_round`` is the one after federation that fine-tunes."""
+    return config.train.finetune_rounds > 0 and server_round == config.server.rounds
+
+
+def finetune_after_federation(*, config: ExperimentConfig, settings: SiteSettings,
+                              global_weights: Mapping[str, torch.Tensor], policy: SitePolicy | None,
+                              run_id: int | None = None) -> bool:
+    """Fine-tune the final global model on the site's data for ``train.finetune_rounds`` local rounds.
+
+    Each is a training round of its own (rounds ``server.rounds + 1`` ...): admitted by
+    the site's policy, its DP steps in the run's accountant and the site's ledger
+    (the noise was calibrated for ``server.rounds + train.finetune_rounds`` rounds),
+    refused like any round beyond a budget. The result stays at the site
+    (:data:`PERSONAL_MODEL_FILE`). Returns whether every round trained.
+    """
+    from client.site import train_round  # noqa: PLC0415 - client.site imports this module lazily
+
+    weights = {k: v.detach().cpu().clone() for k, v in global_weights.items()}
+    for k in range(1, config.train.finetune_rounds + 1):
+        outcome = train_round(config=config, settings=settings, global_weights=weights,
+                              server_round=config.server.rounds + k, policy=policy, run_id=run_id)
+        if outcome.weights is None:
+            logger.warning("site %s: fine-tuning round %d not trained (%s)", settings.name, k, outcome.refusal)
+            return False
+        weights = personal_state(outcome.weights, settings) if config.train.local_norm else dict(outcome.weights)
+    path = settings.run_state_dir / PERSONAL_MODEL_FILE
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".personal-", suffix=".pt")
+    os.close(fd)
+    torch.save(weights, tmp)
+    os.replace(tmp, path)
+    logger.info("site %s fine-tuned the global model for %d rounds; kept at %s", settings.name, k, path)
+    return True
 
 
 def personal_metrics(model: nn.Module, *, dataset: torch.utils.data.Dataset, global_weights: Mapping[str, torch.Tensor],

@@ -233,7 +233,7 @@ def load_privacy(
         num_examples=num_examples,
         batch_size=config.train.batch_size,
         local_epochs=config.train.local_epochs,
-        planned_rounds=config.server.rounds,
+        planned_rounds=config.server.rounds + config.train.finetune_rounds,  # fine-tuning: client.personal
     )
     path = _privacy_path(settings)
     if path.is_file():
@@ -423,7 +423,7 @@ def evaluate_round(
         device=select_device(config.train.device),
     )
     personal: dict[str, float] = {}
-    if config.train.local_norm:  # FedBN: also the global model with this site's own norm layers (client.personal)
+    if config.train.local_norm or config.train.finetune_rounds:  # FedBN: also the global model with this site's own norm layers (client.personal)
         from client.personal import personal_metrics  # noqa: PLC0415
 
         personal = personal_metrics(model, dataset=data.test, global_weights=global_weights, settings=settings,
@@ -467,8 +467,12 @@ def evaluate_request(
     settings: SiteSettings,
     global_weights: Mapping[str, torch.Tensor],
     policy: SitePolicy | None = None,
+    server_round: int = 0,
 ) -> EvaluateOutcome:
     """Answer an evaluation request within the site's evaluation rules (:mod:`client.evaluation`).
+
+    The evaluation after the last round first fine-tunes the global model when
+    ``train.finetune_rounds`` asks (:func:`client.personal.finetune_after_federation`).
 
     A simulated site just evaluates. A real site answers a repeated request from its
     cache (no budget used), refuses other clinical settings than the run's first
@@ -476,7 +480,12 @@ def evaluate_request(
     its disk before running it.
     """
     rules = evaluation_rules(config=config, simulated=settings.simulated, policy=policy)
+    from client.personal import finetune_after_federation, finetune_due  # noqa: PLC0415
+
+    due = finetune_due(config, server_round)
     if not rules.limited:
+        if due:
+            finetune_after_federation(config=config, settings=settings, global_weights=global_weights, policy=policy)
         return EvaluateOutcome(evaluate_round(config=config, settings=settings, global_weights=global_weights,
                                               rules=rules))
     record = EvaluationRecord.open(settings.run_state_dir)
@@ -490,6 +499,8 @@ def evaluate_request(
         logger.warning("site %s refuses an evaluation: %s", settings.name, reason)
         return EvaluateOutcome({}, refusal=reason, evaluations=record.count)
     record.reserve(rules.fingerprint())
+    if due:
+        finetune_after_federation(config=config, settings=settings, global_weights=global_weights, policy=policy)
     metrics = evaluate_round(config=config, settings=settings, global_weights=global_weights, rules=rules)
     record.store(key, metrics)
     return EvaluateOutcome(metrics, evaluations=record.count)

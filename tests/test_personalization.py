@@ -61,3 +61,22 @@ def test_personal_metrics_are_whitelisted_and_follow_the_disclosure_rules() -> N
     personal = {"personal-loss": 0.5, "personal-auc": 0.8, "personal-accuracy": 0.9}
     assert release_personal(personal, released={"auc": 0.7}, num_examples=100, min_count=5) == personal
     assert release_personal(personal, released={}, num_examples=20, min_count=5) == {"personal-loss": 0.5}
+
+
+def test_fine_tuning_after_federation_spends_accounted_epsilon_and_stays_at_the_site(real_site) -> None:
+    import json
+
+    from client.ledger import PrivacyLedger
+    from client.personal import PERSONAL_MODEL_FILE
+
+    overrides = ("train.finetune_rounds=1",)  # server.rounds=1: the evaluation of round 1 fine-tunes
+    trained = real_site.train(*overrides).content["arrays"].to_torch_state_dict()
+    run_dir = real_site.state_dir / real_site.name / "runs" / "r"
+    after_training = json.loads((run_dir / "privacy.json").read_text())
+    charged = PrivacyLedger.open(real_site.state_dir / real_site.name).spent_epsilon()
+    evaluation = real_site.evaluate(*overrides, weights=trained, server_round=1)
+    metrics = evaluation.content["metrics"]
+    assert "personal-loss" in metrics and metrics["personal-loss"] != metrics["loss"]
+    assert (run_dir / PERSONAL_MODEL_FILE).is_file()
+    assert json.loads((run_dir / "privacy.json").read_text()) != after_training  # its steps were accounted
+    assert PrivacyLedger.open(real_site.state_dir / real_site.name).spent_epsilon() > charged > 0  # and charged

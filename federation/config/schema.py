@@ -173,6 +173,11 @@ class TrainConfig(_Section):
     local_norm: bool = Field(
         False, description="FedBN: norm-layer parameters stay at each site, never sent nor aggregated."
     )
+    finetune_rounds: int = Field(
+        0, ge=0, le=100, description="After the last round each site fine-tunes the final global model for this many "
+        "local rounds (DP steps in its epsilon and ledger; the noise is calibrated for rounds + these) and reports "
+        "personal-* metrics; the personal model stays at the site."
+    )
 
 
 class PrivacyConfig(_Section):
