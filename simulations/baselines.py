@@ -199,6 +199,27 @@ def final_site_metrics(run_dir: Path, config: ExperimentConfig | None = None) ->
     return per_site
 
 
+def personalized_result(run_dir: Path, config: ExperimentConfig) -> MethodResult | None:
+    """The sites' personalized models on their own test splits, as each site reported them (issue 21).
+
+    ``FedBN`` (``train.local_norm``) or ``federated + fine-tuned`` (``train.finetune_rounds``):
+    these models never leave their site, so only their own-site ``personal-*`` metrics
+    exist (no overall value). ``None`` unless every site reported them.
+    """
+    summary_path = Path(run_dir) / "summary.json"
+    reported = (json.loads(summary_path.read_text()) if summary_path.is_file() else {}).get("final_site_evaluate") or {}
+    names = [f"site-{k + 1}" for k in range(config.data.num_sites)]
+    if not all("personal-accuracy" in (reported.get(n) or {}) for n in names):
+        return None
+    method = "federated + fine-tuned" if config.train.finetune_rounds else "FedBN"
+    per_site = {n: {m: _float(reported[n].get(f"personal-{m}")) for m in METRICS} for n in names}
+    return MethodResult(method=method, per_site=per_site, overall={m: math.nan for m in METRICS})
+
+
+PERSONALIZED_METHODS = ("FedBN", "federated + fine-tuned")
+"""Rows of :func:`personalized_result`."""
+
+
 def _float(value: Any) -> float:
     """A metric as a float: NaN where a site sent none (None: undefined, e.g. AUC of a one-class test split)."""
     return float(value) if isinstance(value, (int, float)) else math.nan
@@ -233,6 +254,9 @@ def run_baselines(config: ExperimentConfig, *, run_dir: Path | None = None) -> l
         federated = federated_result(run_dir, config, sites)
         if federated is not None:
             results.append(federated)
+        personalized = personalized_result(run_dir, config)
+        if personalized is not None:
+            results.append(personalized)
         write_baselines(run_dir, results, sites=[s.name for s in sites])
     return results
 
@@ -251,7 +275,7 @@ def comparison_rows(results: list[MethodResult], *, metric: str) -> list[tuple[s
     rows = []
     own = local_own_site(results)
     for result in [r for r in results if r.method == "pooled"] + ([own] if own else []) + [
-        r for r in results if r.method == "federated"
+        r for r in results if r.method == "federated" or r.method in PERSONALIZED_METHODS
     ]:
         sites = list(result.per_site)
         rows.append((result.method, [result.per_site[s][metric] for s in sites], result.mean_over_sites(metric),

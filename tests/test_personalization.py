@@ -80,3 +80,28 @@ def test_fine_tuning_after_federation_spends_accounted_epsilon_and_stays_at_the_
     assert (run_dir / PERSONAL_MODEL_FILE).is_file()
     assert json.loads((run_dir / "privacy.json").read_text()) != after_training  # its steps were accounted
     assert PrivacyLedger.open(real_site.state_dir / real_site.name).spent_epsilon() > charged > 0  # and charged
+
+
+def test_the_baselines_table_gains_the_personalized_row(tmp_path: Path) -> None:
+    import json
+
+    from simulations.baselines import MethodResult, baselines_markdown, personalized_result
+    from simulations.harness import resolve_config
+
+    config = resolve_config(overrides=["data.num_sites=2", "strategy.min_sites=2", "train.local_norm=true"])
+    site = {"accuracy": 0.7, "auc": 0.8, "loss": 0.5, "personal-accuracy": 0.75, "personal-auc": 0.85,
+            "personal-loss": 0.45}
+    (tmp_path / "summary.json").write_text(json.dumps({"final_site_evaluate": {"site-1": site, "site-2": {
+        **site, "personal-accuracy": 0.65}}}))
+    result = personalized_result(tmp_path, config)
+    assert result.method == "FedBN" and result.mean_over_sites("accuracy") == pytest.approx(0.7)
+    assert result.per_site["site-1"] == {"accuracy": 0.75, "auc": 0.85, "loss": 0.45}
+    federated = MethodResult(method="federated", per_site={"site-1": {"accuracy": 0.7, "auc": 0.8, "loss": 0.5},
+                                                            "site-2": {"accuracy": 0.7, "auc": 0.8, "loss": 0.5}},
+                             overall={"accuracy": 0.7, "auc": 0.8, "loss": 0.5})
+    table = baselines_markdown([federated, result], sites=["site-1", "site-2"])
+    assert "| FedBN | 0.750 | 0.650 | 0.700 | n/a |" in table
+    fine_tuned = config.model_copy(update={"train": config.train.model_copy(update={"finetune_rounds": 1})})
+    assert personalized_result(tmp_path, fine_tuned).method == "federated + fine-tuned"
+    (tmp_path / "summary.json").write_text(json.dumps({"final_site_evaluate": {"site-1": site}}))
+    assert personalized_result(tmp_path, config) is None  # not every site reported one
