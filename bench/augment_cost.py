@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(640, 1, 28, 28, generator=generator), torch.randint(0, 2, (640,), generator=generator))
+    data = TensorDataset(torch.rand(640, 1, 28, 28, generator=generator),
+                         torch.randint(0, 2, (640,), generator=generator))
     times: dict[tuple[bool, str], list[float]] = {(dp, a): [] for dp in (False, True) for a in SETTINGS}
     for _ in range(args.repeats):
         for key in times:

@@ -108,7 +108,8 @@ PERSONAL_MODEL_FILE = "personal_model.pt"
 """The site's fine-tuned model (``train.finetune_rounds``), in its run state folder; it never leaves."""
 
 
-def personal_state(global_weights: Mapping[str, torch.Tensor], settings: SiteSettings) -> dict[str, torch.Tensor] | None:
+def personal_state(global_weights: Mapping[str, torch.Tensor],
+                   settings: SiteSettings) -> dict[str, torch.Tensor] | None:
     """The site's personalized model: its fine-tuned model if it has one, else the global weights with its
     own norm layers; None if it has neither."""
     tuned = settings.run_state_dir / PERSONAL_MODEL_FILE

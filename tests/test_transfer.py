@@ -208,7 +208,8 @@ def _dp_round(model: nn.Module, *, trainable: str, mode: str) -> float:
     from federation.training import train_local
 
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(40, 1, 12, 12, generator=generator), torch.randint(0, 2, (40,), generator=generator))
+    data = TensorDataset(torch.rand(40, 1, 12, 12, generator=generator),
+                         torch.randint(0, 2, (40,), generator=generator))
     privacy = SitePrivacy(config=PrivacyConfig(noise_multiplier=0.8, target_epsilon=100.0, grad_sample_mode=mode),
                           num_examples=40, batch_size=10, local_epochs=1.0, planned_rounds=2)
     train_local(model=model, dataset=data, config=TrainConfig(batch_size=10, trainable=trainable, device="cpu"),

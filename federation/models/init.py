@@ -134,7 +134,8 @@ def _imagenet_file(model_name: str) -> Path:
         torch.hub.download_url_to_file(url, str(target), progress=False)
     except Exception as err:  # noqa: BLE001 - offline machines fail in many ways (DNS, proxy, TLS)
         raise _init_error(
-            f"ImageNet weights of {model_name} are not on this machine and could not be downloaded ({type(err).__name__}). "
+            f"ImageNet weights of {model_name} are not on this machine and could not be downloaded "
+            f"({type(err).__name__}). "
             f"Download {url} on a machine with internet access and put it at {target} "
             f"(or set TORCH_HOME), then run again"
         ) from None
@@ -237,7 +238,8 @@ def load_init(model: nn.Module, *, source: str, model_name: str) -> InitReport:
     if not [n for n in matched if not n.endswith("num_batches_tracked")]:
         raise _init_error(
             f"no tensor of {path} fits model.name={model_name!r} with this config (unused: "
-            f"{', '.join(report.unused[:5]) or 'none'}; shape-mismatched: {', '.join(list(report.mismatched)[:5]) or 'none'}); "
+            f"{', '.join(report.unused[:5]) or 'none'}; shape-mismatched: "
+            f"{', '.join(list(report.mismatched)[:5]) or 'none'}); "
             "check model.name, model.width and model.norm against the run that wrote it")
     model.load_state_dict(matched, strict=False)
     (logger.warning if report.mismatched or report.missing else logger.info)("%s", report.describe())
