@@ -423,7 +423,7 @@ def evaluate_round(
         device=select_device(config.train.device),
     )
     personal: dict[str, float] = {}
-    if config.train.local_norm or config.train.finetune_rounds:  # FedBN: also the global model with this site's own norm layers (client.personal)
+    if config.train.local_norm or config.train.finetune_rounds:  # also the site's personal model (client.personal)
         from client.personal import personal_metrics  # noqa: PLC0415
 
         personal = personal_metrics(model, dataset=data.test, global_weights=global_weights, settings=settings,
