@@ -263,9 +263,4 @@ def secagg_config_problems(config: ExperimentConfig) -> list[str]:
             f"secagg.enabled=true with train.transfer_dtype={config.train.transfer_dtype!r}: secure aggregation "
             "quantizes the update itself (secagg.quantization_bits); set train.transfer_dtype=fp32"
         )
-    if getattr(config.train, "local_norm", False):
-        problems.append(
-            "secagg.enabled=true with train.local_norm=true: the masked update covers every parameter, so the "
-            "sites' own norm layers would leave them (in the sum); use one of the two"
-        )
     return problems
