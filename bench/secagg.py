@@ -30,9 +30,9 @@ from _common import REPO, Stats, loadavg, machine, ratio, say, write_json
 TRAIN_FRACTION = 0.8  # the synthetic dataset keeps 20 % of its images as the test split
 
 
-def round_times(sites: int, rounds: int, per_site: int, secure: bool, tmp: str) -> list[float]:
+def round_times(sites: int, rounds: int, per_site: int, secure: bool, tmp: str, repeat: int) -> list[float]:
     """Steady round times of one ``medfed simulate`` run (round 1 left out)."""
-    name = f"{'secure' if secure else 'plain'}-{sites}"
+    name = f"{'secure' if secure else 'plain'}-{sites}-{repeat}"
     overrides = [f"data.num_sites={sites}", f"server.rounds={rounds}",
                  f"data.num_samples={int(round(per_site * sites / TRAIN_FRACTION))}", f"strategy.min_sites={sites}",
                  f"secagg.enabled={str(secure).lower()}", f"server.out_dir={tmp}", f"server.run_name={name}"]
@@ -121,10 +121,10 @@ def main() -> None:
     for sites in args.sites:
         plain, secure = [], []
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 load = loadavg()
-                plain.append(statistics.median(round_times(sites, args.rounds, args.per_site, False, tmp)))
-                secure.append(statistics.median(round_times(sites, args.rounds, args.per_site, True, tmp)))
+                plain.append(statistics.median(round_times(sites, args.rounds, args.per_site, False, tmp, repeat)))
+                secure.append(statistics.median(round_times(sites, args.rounds, args.per_site, True, tmp, repeat)))
                 say(f"{sites} sites (load {load}): plain {plain[-1]:.2f} s, secure {secure[-1]:.2f} s a round")
         sizes = payload_bytes(sites)
         row = {"plain": Stats(plain).as_dict(), "secure": Stats(secure).as_dict(),

@@ -66,8 +66,10 @@ def _ids(nodes: Iterable[int]) -> list[str]:
     return [str(int(n)) for n in nodes]  # Flower node ids are uint64: they travel as text
 
 
-def _request(node: int, record: dict) -> Message:
-    return Message(RecordDict({SECAGG_KEY: ConfigRecord(record)}), dst_node_id=node, message_type=SECAGG_MESSAGE_TYPE)
+def _request(node: int, record: dict, round_config: ConfigRecord) -> Message:
+    """A protocol request; ``round_config`` (run name, round) files it in the site's audit log under its run."""
+    content = RecordDict({SECAGG_KEY: ConfigRecord(record), "config": round_config})
+    return Message(content, dst_node_id=node, message_type=SECAGG_MESSAGE_TYPE)
 
 
 def _answers(replies: Iterable[Message]) -> dict[int, ConfigRecord]:
@@ -104,6 +106,7 @@ class SecureAggregation(StrategyWrapper):
         self.timeout = timeout
         self._grid: Grid | None = None
         self._round: _Round | None = None
+        self._round_config = ConfigRecord({})
         self.last_outcome: str = ""
         self.last_weight: int | None = None  # the round's total weight: all the coordinator learns of the counts
         self.round_params = params
@@ -113,6 +116,8 @@ class SecureAggregation(StrategyWrapper):
     ) -> Iterable[Message]:
         """Stages 1 and 2 with the sites the inner strategy sampled; then their train messages."""
         self._grid, self._round = grid, None
+        self._round_config = ConfigRecord({**{k: v for k, v in config.items() if k == "run-name"},
+                                           "server-round": server_round})
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         nodes = [int(m.metadata.dst_node_id) for m in messages]
         if not nodes:
@@ -125,7 +130,8 @@ class SecureAggregation(StrategyWrapper):
                                  "threshold": threshold_for(holders=holders, fraction=self.threshold_fraction)})
         self.round_params = params
         keys = _answers(grid.send_and_receive(
-            [_request(n, {"stage": "advertise", "round": server_round, **params.to_config()}) for n in nodes],
+            [_request(n, {"stage": "advertise", "round": server_round, **params.to_config()}, self._round_config)
+             for n in nodes],
             timeout=self.timeout,
         ))
         state.public_keys = {n: (bytes(r["pk1"]), bytes(r["pk2"])) for n, r in keys.items()}
@@ -158,7 +164,7 @@ class SecureAggregation(StrategyWrapper):
         return _request(node, {
             "stage": "share", "round": state.server_round, "nids": _ids(neighbours),
             "pk1s": [state.public_keys[n][0] for n in neighbours], "pk2s": [state.public_keys[n][1] for n in neighbours],
-        })
+        }, self._round_config)
 
     def _enough(self, count: int, params: SecAggParams, what: str) -> bool:
         if count >= max(params.threshold, 2):
@@ -186,7 +192,7 @@ class SecureAggregation(StrategyWrapper):
             hood = set(state.partners[node]) | {node}
             requests.append(_request(node, {"stage": "unmask", "round": server_round,
                                             "active": _ids(sorted(hood & set(masked))),
-                                            "dropped": _ids(sorted(hood & dropped))}))
+                                            "dropped": _ids(sorted(hood & dropped))}, self._round_config))
         seed_shares: dict[int, list[bytes]] = {}
         key_shares: dict[int, list[bytes]] = {}
         for record in _answers(grid.send_and_receive(requests, timeout=self.timeout)).values():

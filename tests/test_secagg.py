@@ -8,6 +8,7 @@ exactly; the "real" sites run the whole ClientApp (training, DP, guard, audit).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -214,6 +215,10 @@ def test_real_sites_train_under_secure_aggregation(flower_task_identity, tmp_pat
     assert set(arrays.keys()) == set(global_weights)
     moved = max(float((arrays[k].numpy() - v.numpy()).__abs__().max()) for k, v in global_weights.items())
     assert 0 < moved < PARAMS.clipping_range
+    audit = [json.loads(line) for line in (sites[11].state_dir / "north" / "audit.jsonl").read_text().splitlines()]
+    stages = [(e["event"], e.get("stage"), e["round"], e["run_name"]) for e in audit]
+    assert stages == [("secagg", "advertise", 1, "r"), ("secagg", "share", 1, "r"), ("train", None, 1, "r"),
+                      ("secagg", "unmask", 1, "r")]  # every stage filed under the run and round it belongs to
     # The same site, asked for a plain round, refuses before training (its policy requires secure aggregation).
     plain = sites[11].train(node_config=sites[11].node_config)
     assert plain.content["status"]["refused"].startswith("secagg-required: ")
