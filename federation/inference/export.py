@@ -13,7 +13,6 @@ A run's ``export/`` folder holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from federation.inference.preprocess import Preprocessing
+from federation.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ class ExportedModel:
     program: Path
     meta: dict[str, Any]
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
@@ -113,7 +106,7 @@ def export_model(
         "load": LOAD_RECIPE,
         "preprocessing": preprocessing.to_dict(),
         **(metadata or {}),
-        "sha256": {PROGRAM_FILE: _sha256(program_path), STATE_FILE: _sha256(state)},
+        "sha256": {PROGRAM_FILE: sha256_file(program_path), STATE_FILE: sha256_file(state)},
         "torch": torch.__version__,
     }
     _atomic_json(out / META_FILE, meta)

@@ -22,7 +22,6 @@ to the sites as round 0's global model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from federation.config.loading import ConfigError
+from federation.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ class InitReport:
                 f"{k} ({v})" for k, v in list(self.mismatched.items())[:6])
         return text
 
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hub_dir() -> Path:

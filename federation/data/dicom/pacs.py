@@ -28,7 +28,6 @@ The password is read when connecting and is never logged, stored or part of an e
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import yaml
 from pydicom.dataset import Dataset
 
 from federation.data.dicom.labels import read_labels
+from federation.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +266,6 @@ def _series_labels(config: PacsConfig, series: list[CohortSeries]) -> dict[str, 
     return {s.series_instance_uid: table.labels[key(s)] for s in series if key(s) in table.labels}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,14 +304,14 @@ def _fetch_series(client: Any, config: PacsConfig, series: CohortSeries, cache: 
     for sop in sops:
         rel = f"series/{series.series_instance_uid}/{sop}.dcm"
         entry, path = manifest.get(sop), cache / rel
-        if entry and entry.get("path") == rel and path.is_file() and _sha256(path) == entry.get("sha256"):
+        if entry and entry.get("path") == rel and path.is_file() and sha256_file(path) == entry.get("sha256"):
             result.reused += 1
             continue
         with pacs_errors(config, f"retrieve instance {sop} (WADO-RS)"):
             ds = client.retrieve_instance(series.study_instance_uid, series.series_instance_uid, sop,
                                           media_types=(("application/dicom", "*"),))
         _write_atomic(path, lambda p, d=ds: d.save_as(p, enforce_file_format=True))
-        manifest[sop] = {"path": rel, "sha256": _sha256(path), "series_instance_uid": series.series_instance_uid,
+        manifest[sop] = {"path": rel, "sha256": sha256_file(path), "series_instance_uid": series.series_instance_uid,
                          "study_instance_uid": series.study_instance_uid}
         result.fetched += 1
     return set(sops)
