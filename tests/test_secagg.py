@@ -161,6 +161,9 @@ def test_a_site_refuses_requests_that_would_unmask_it():
     assert set(site.unmask(active=[1, 2, 3], dropped=[4])) == {1, 2, 3, 4}
     with pytest.raises(SecAggProtocolError, match="out of order"):  # one answer per round
         site.unmask(active=[1, 2, 3, 4], dropped=[])
+    isolated, _, _ = _advertised(8, threshold=2)  # a hostile coordinator pairs a site with one other only
+    with pytest.raises(SecAggProtocolError, match="at least 3"):
+        isolated.share_keys({1: keys[1]})
     lax, _, _ = _advertised(9, threshold=2)
     with pytest.raises(SecAggProtocolError, match="more than half"):
         lax.share_keys({m: keys[m] for m in (1, 2, 3)})

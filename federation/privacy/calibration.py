@@ -198,13 +198,8 @@ def calibrate_noise_rdp(
                 f"{target_epsilon} (delta {delta}) over {steps} steps at sample rate {sample_rate:.6g}; "
                 "raise privacy.target_epsilon or plan fewer rounds / local steps"
             )
-    while target_epsilon - eps_high > epsilon_tolerance:
-        sigma = (sigma_low + sigma_high) / 2
-        eps = eps_at(sigma)
-        if eps < target_epsilon:
-            sigma_high, eps_high = sigma, eps
-        else:
-            sigma_low = sigma
+    sigma_high = _bisect(eps_at, sigma_low=sigma_low, sigma_high=sigma_high, eps_high=eps_high,
+                         target_epsilon=target_epsilon, tolerance=epsilon_tolerance)
     exact = _exact_epsilon(sigma_high, sample_rate, steps, delta)
     if exact <= target_epsilon and target_epsilon - exact <= epsilon_tolerance:
         return sigma_high
@@ -281,13 +276,8 @@ def calibrate_noise_after(
             raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} keeps the run within epsilon {target_epsilon:g} "
                              f"(spent {spent:.4f}) over {steps} more steps; raise privacy.target_epsilon")
         eps_high = eps_at(sigma_high)
-    while target_epsilon - eps_high > epsilon_tolerance:
-        sigma = (sigma_low + sigma_high) / 2
-        eps = eps_at(sigma)
-        if eps < target_epsilon:
-            sigma_high, eps_high = sigma, eps
-        else:
-            sigma_low = sigma
+    sigma_high = _bisect(eps_at, sigma_low=sigma_low, sigma_high=sigma_high, eps_high=eps_high,
+                         target_epsilon=target_epsilon, tolerance=epsilon_tolerance)
     while exact((sigma_high, sample_rate, steps)) > target_epsilon:  # the probe's ~1e-12 error, never trusted
         sigma_high *= 1.0 + 1e-6
     return sigma_high
@@ -332,3 +322,19 @@ def _rdp_probe(
         return float(eps)
 
     return epsilon
+
+
+def _bisect(eps_at, *, sigma_low: float, sigma_high: float, eps_high: float, target_epsilon: float,
+            tolerance: float) -> float:
+    """Shrink ``[sigma_low, sigma_high]`` until ``eps_at(sigma_high)`` is within ``tolerance`` below the target.
+
+    ``sigma_high`` always keeps epsilon at or below ``target_epsilon`` (the noise a site may use).
+    """
+    while target_epsilon - eps_high > tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = eps_at(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high

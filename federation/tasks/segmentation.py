@@ -28,6 +28,7 @@ from federation.metrics.segmentation import (
 )
 from federation.tasks.base import Task
 from federation.training.batches import split_batch
+from federation.training.device import model_device
 
 if TYPE_CHECKING:
     from federation.config.schema import ExperimentConfig
@@ -35,11 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -52,7 +48,7 @@ def predict_masks(
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("cannot evaluate on an empty dataset")
-    device = device if device is not None else _model_device(model)
+    device = device if device is not None else model_device(model)
     was_training = model.training
     model.to(device)
     model.eval()

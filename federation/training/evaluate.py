@@ -13,15 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 from federation.metrics import classification_metrics
 from federation.training.batches import split_batch
 from federation.training.results import EvalResult
+from federation.training.device import model_device
 
 logger = logging.getLogger(__name__)
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -66,7 +61,7 @@ def evaluate(
         raise ValueError("cannot evaluate on an empty dataset")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = device if device is not None else _model_device(model)
+    device = device if device is not None else model_device(model)
     was_training = model.training
     model.to(device)
     model.eval()
