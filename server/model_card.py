@@ -67,6 +67,15 @@ def _dataset_facts(config: ExperimentConfig) -> dict[str, Any]:
             "pooled_train": int(len(splits.train_labels)), "pooled_test": int(len(splits.test_labels))}
 
 
+def _volume_shape(config: ExperimentConfig, spatial_dims: int) -> tuple[int, ...]:
+    """The NIfTI volume shape a 3-D segmentation model takes (``data.volume_shape``), else ``()``."""
+    if config.data.task != "segmentation" or spatial_dims != 3:
+        return ()
+    from federation.data.nifti import volume_shape  # noqa: PLC0415
+
+    return tuple(volume_shape(config.data))
+
+
 def export_global_model(run_dir: Path, config: ExperimentConfig) -> ExportedModel | None:
     """Export the newest checkpoint's weights to ``<run>/export`` (None when no round finished)."""
     checkpoint = RunDirectory(run_dir).load_checkpoint()
@@ -82,8 +91,9 @@ def export_global_model(run_dir: Path, config: ExperimentConfig) -> ExportedMode
     names = facts["label_names"] or [f"class-{k}" for k in range(info.num_classes)]
     prep = Preprocessing(image_size=config.data.image_size, in_channels=info.in_channels,
                          dicom_frames=config.data.dicom_frames, dicom_normalize=config.data.dicom_normalize,
-                         spatial_dims=spatial_dims)
-    meta = {"run": run_dir.name, "round": checkpoint.round, "num_classes": info.num_classes, "label_names": names,
+                         spatial_dims=spatial_dims, volume_shape=_volume_shape(config, spatial_dims))
+    meta = {"run": run_dir.name, "round": checkpoint.round, "task": config.data.task,
+            "num_classes": info.num_classes, "label_names": names,
             "positive_class": config.clinical.positive_class, "threshold": config.clinical.threshold,
             "model": {**config.model.model_dump(), "parameters": count_parameters(model)}}
     return export_model(model=model, preprocessing=prep, out_dir=run_dir / EXPORT_DIR, metadata=meta)
@@ -303,12 +313,12 @@ def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None 
         exported = export_global_model(run, config)
         return None if exported is None else exported.directory
 
+    outputs.produce(EXPORT_OUTPUT, export)  # segmentation too: `medfed predict` writes its masks
     skipped = get_task(config.data.task).reports_skipped_reason  # segmentation: not adapted yet
-    if skipped is not None:  # the export's preprocessing and `medfed predict` serve classifiers too
-        for name in (EXPORT_OUTPUT, REPORT_OUTPUT, CARD_OUTPUT):
+    if skipped is not None:
+        for name in (REPORT_OUTPUT, CARD_OUTPUT):
             outputs.skip(name, skipped)
         return outputs
-    outputs.produce(EXPORT_OUTPUT, export)
     outputs.produce(REPORT_OUTPUT, lambda: write_clinical_report(run, config=config))
     outputs.produce(CARD_OUTPUT, lambda: list(write_model_card(run, config)))
     return outputs

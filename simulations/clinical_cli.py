@@ -62,7 +62,8 @@ def predict_command(
     input_path: Annotated[
         Optional[Path], typer.Option("--input", "-i", help="A DICOM, PNG/JPEG or .npz file, or a folder of them.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV "
+                                     "(a segmentation run: a folder for one NIfTI mask per input + volumes.csv).")] = None,
     gradcam: Annotated[
         Optional[Path],
         typer.Option("--gradcam", help="Also write explanation overlays (as medfed explain) into this folder."),
@@ -87,6 +88,9 @@ def predict_command(
     if input_path is None:
         _fail("give --input (files or a folder) or --pacs SITE.yaml")
         return
+    if _is_segmentation_run(model):
+        _predict_nifti(model, input_path, out, limit=limit)
+        return
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
     overlays = None
@@ -100,6 +104,46 @@ def predict_command(
         console.print(_table(predictions, meta))
     if gradcam is not None:
         console.print(f"explanation overlays → {gradcam}")
+
+
+def _is_segmentation_run(model: Path) -> bool:
+    from federation.inference import read_export_meta  # noqa: PLC0415
+
+    try:
+        return read_export_meta(model).get("task") == "segmentation"
+    except (FileNotFoundError, ValueError):
+        return False  # _load names the problem
+
+
+def _predict_nifti(model: Path, input_path: Path, out: Optional[Path], *, limit: int) -> None:
+    """``predict`` with a segmentation run: one NIfTI mask per input in ``--out`` and ``volumes.csv``."""
+    from federation.inference import load_exported  # noqa: PLC0415
+    from federation.inference.nifti_predict import list_nifti_inputs, predict_nifti, write_volumes_csv  # noqa: PLC0415
+
+    if out is None:
+        _fail("a segmentation model writes one mask per input: give --out DIR")
+        return
+    try:
+        module, meta = load_exported(model)
+        shape = tuple(int(v) for v in meta["preprocessing"].get("volume_shape") or ())
+        if len(shape) != 3:
+            raise ValueError(f"--model {model}: predicting NIfTI masks needs a 3-D segmentation model "
+                             f"(its export has no 3-D volume_shape)")
+        inputs = list_nifti_inputs(input_path)
+        results = predict_nifti(module, inputs[:limit] if limit > 0 else inputs, root=input_path, out_dir=out,
+                                volume_shape=shape)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(str(err))
+        return
+    table = write_volumes_csv(results, out / "volumes.csv", label_names=meta.get("label_names") or [])
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        where = input_path if input_path.is_file() else input_path / r.name
+        console.print(f"[bold red]error:[/] {where}: {r.error}", soft_wrap=True, markup=True, highlight=False)
+    console.print(f"[green]{len(results) - len(failed)} mask(s)[/] → {out}, volumes → {table}"
+                  + (f"; [red]{len(failed)} input(s) failed[/]" if failed else ""), soft_wrap=True)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int, out: Optional[Path]) -> None:
@@ -128,14 +172,14 @@ def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int,
         reports = cohort_reports(cache_dir=synced.cache_dir, predictions=predictions, meta=meta)
         kind = "DICOM SR"
     try:
-        with pacs_errors(config, "store the research reports (STOW-RS)"):
+        with pacs_errors(config, f"store the research reports ({'C-STORE' if config.dimse else 'STOW-RS'})"):
             store_reports(client, reports)
     except PacsError as err:
         _fail(str(err))
     if out is not None and predictions:  # per-image probabilities of a classification model
         write_predictions_csv(predictions, out, meta=meta)
     console.print(f"[green]{len(reports)} research report(s)[/] ({kind}, not for clinical use) stored in PACS "
-                  f"{config.dicomweb_url} for {len(items)} image(s) of {len(synced.series)} series")
+                  f"{config.address} for {len(items)} image(s) of {len(synced.series)} series")
 
 
 def explain_command(

@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,21 @@ def folder_cases(folder: Path) -> list[tuple[str, Path, Path]]:
     return cases
 
 
+def volume_transforms(shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """MONAI's reader, pad/crop and intensity scaling of training (``medfed predict`` inverts the pad/crop).
+
+    Returns:
+        ``(load, fit, scale)``: :class:`~monai.transforms.LoadImage` (nibabel, channel first),
+        :class:`~monai.transforms.ResizeWithPadOrCrop` to ``shape`` (centred, invertible) and
+        :class:`~monai.transforms.ScaleIntensityRangePercentiles` (0.5-99.5th percentile to [0, 1]).
+    """
+    from monai.transforms import LoadImage, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles  # noqa: PLC0415
+
+    return (LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader"),
+            ResizeWithPadOrCrop(spatial_size=shape),
+            ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True))
+
+
 def _problem(image: np.ndarray, label: np.ndarray, image_affine: np.ndarray, label_affine: np.ndarray,
              num_classes: int) -> str | None:
     """Why an image/label pair may not be used, or None."""
@@ -107,11 +123,7 @@ def check_nifti_cases(
         num_classes: Declared classes including background (label values ``0 .. num_classes - 1``).
         shape: Spatial shape every kept volume is padded/cropped to.
     """
-    from monai.transforms import LoadImage, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles  # noqa: PLC0415
-
-    load = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
-    fit = ResizeWithPadOrCrop(spatial_size=shape)
-    scale = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    load, fit, scale = volume_transforms(shape)
     out = NiftiCases()
     for case, image_path, label_path in cases:
         if not label_path.is_file():

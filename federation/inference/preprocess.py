@@ -38,6 +38,8 @@ class Preprocessing:
         dicom_frames: ``first``, ``middle`` or ``all`` frames of multi-frame DICOM.
         dicom_normalize: ``auto``, ``range`` or ``minmax`` (``data.dicom_normalize``).
         spatial_dims: 2 for images (the only kind files are read for), 3 volumes, 0 tabular.
+        volume_shape: The spatial shape NIfTI volumes are padded/cropped to (segmentation
+            datasets read with :mod:`federation.data.nifti`); empty: ``image_size`` per side.
     """
 
     image_size: int
@@ -45,10 +47,11 @@ class Preprocessing:
     dicom_frames: str = "first"
     dicom_normalize: str = "auto"
     spatial_dims: int = 2
+    volume_shape: tuple[int, ...] = ()
 
     def input_shape(self, batch: int | str = "N") -> tuple[int | str, ...]:
-        """The model input shape: ``(N, C)`` plus ``image_size`` per spatial dimension."""
-        return (batch, self.in_channels, *([self.image_size] * self.spatial_dims))
+        """The model input shape: ``(N, C)`` plus ``volume_shape``, or ``image_size`` per spatial dimension."""
+        return (batch, self.in_channels, *(self.volume_shape or [self.image_size] * self.spatial_dims))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -63,6 +66,7 @@ class Preprocessing:
             dicom_frames=str(data.get("dicom_frames", "first")),
             dicom_normalize=str(data.get("dicom_normalize", "auto")),
             spatial_dims=int(data.get("spatial_dims", 2)),
+            volume_shape=tuple(int(v) for v in data.get("volume_shape") or ()),
         )
 
 
