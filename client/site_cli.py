@@ -143,7 +143,7 @@ def _check_pacs(pacs: Path, cache: Optional[Path], *, json_out: Optional[Path], 
     except (PacsError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
-    console.print(render_cohort(report, url=config.dicomweb_url))
+    console.print(render_cohort(report, url=config.address))
     if report.site is not None:
         console.print(render_site_report(report.site, max_quarantined=max_rows))
     if json_out is not None:

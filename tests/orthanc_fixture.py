@@ -28,6 +28,7 @@ DICOMWEB_PLUGINS = (
     "/usr/lib/orthanc/libOrthancDicomWeb.so",
 )
 USER, PASSWORD = "medfed-site", "s3cret-pacs-pw"
+PACS_AET, SITE_AET = "MEDFEDPACS", "MEDFEDSITE"  # DIMSE: the PACS's AE title and the one site it admits
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,16 @@ def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
         "IndexDirectory": str(storage),
         "HttpPort": http_port,
         "DicomPort": dicom_port,
-        "DicomAet": "MEDFEDPACS",
+        "DicomAet": PACS_AET,
+        # DIMSE has no password: Orthanc admits only the registered site AE title from 127.0.0.1 and checks
+        # that it is called by its own AE title; the site may query (C-FIND), retrieve (C-GET) and store
+        "DicomCheckCalledAet": True,
+        "DicomCheckModalityHost": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomModalities": {"medfed-site": {"AET": SITE_AET, "Host": "127.0.0.1", "Port": 11112,
+                                            "AllowEcho": True, "AllowFind": True, "AllowGet": True,
+                                            "AllowMove": False, "AllowStore": True}},
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True,
         "RegisteredUsers": {USER: PASSWORD},

@@ -116,7 +116,7 @@ def classification_report(
 
 
 def store_reports(client: Any, reports: Sequence[Dataset]) -> int:
-    """STOW-RS the reports into the PACS (the only write medfed makes to it); returns how many were stored."""
+    """Store the reports into the PACS (STOW-RS or C-STORE: the only write medfed makes to it); returns how many."""
     for report in reports:
         client.store_instances(datasets=[report])
     logger.info("stored %d research report(s) in the PACS", len(reports))

@@ -1,4 +1,4 @@
-"""A site's cohort from its own PACS over DICOMweb (QIDO-RS to query, WADO-RS to retrieve).
+"""A site's cohort from its own PACS over DICOMweb (QIDO-RS to query, WADO-RS to retrieve) or DIMSE.
 
 The configuration is the site's own YAML file (named by its node config or on the command
 line, never by the coordinator's run config)::
@@ -15,6 +15,10 @@ line, never by the coordinator's run config)::
       study_date_from: "20200101"
       study_date_to: "20251231"
       series_description: "AX.*"                  # a regular expression (full match, case-insensitive)
+
+A PACS without DICOMweb is named by a ``dimse`` block (host, port, called_ae, calling_ae)
+instead of ``dicomweb_url`` (C-FIND, C-GET, C-STORE: :mod:`federation.data.dicom.dimse`);
+DIMSE has no password (the PACS allow-lists the site's AE title), so no credential key goes with it.
 
 :func:`sync_cohort` retrieves the labelled series of the cohort into a local cache folder:
 each instance written to a temporary file and renamed into place, its SHA-256 kept in
@@ -43,6 +47,7 @@ from typing import Any
 import yaml
 from pydicom.dataset import Dataset
 
+from federation.data.dicom.dimse import DimseClient, DimseFailure, DimseSettings
 from federation.data.dicom.labels import read_labels
 from federation.hashing import sha256_file
 
@@ -51,8 +56,10 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LABELS = "labels.csv"
 KEY_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number")
-_TOP_KEYS = {"dicomweb_url", "username", "password_file", "password_env", "labels", "key_column", "label_column",
+_TOP_KEYS = {"dicomweb_url", "dimse", "username", "password_file", "password_env", "labels", "key_column", "label_column",
              "cohort", "timeout_s", "cache_dir"}
+_DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae"}
+_CREDENTIAL_KEYS = ("username", "password_file", "password_env")
 _COHORT_KEYS = {"modality", "body_part", "study_date_from", "study_date_to", "series_description"}
 _FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription",
            "StudyDate", "AccessionNumber", "NumberOfSeriesRelatedInstances")
@@ -91,7 +98,8 @@ class PacsConfig:
     """A site's PACS settings (:func:`load_pacs_config`). Holds where the password is, never the password."""
 
     source: Path
-    dicomweb_url: str
+    dicomweb_url: str = ""
+    dimse: DimseSettings | None = None
     username: str = ""
     password_file: str = ""
     password_env: str = ""
@@ -101,6 +109,11 @@ class PacsConfig:
     cohort: CohortQuery = field(default_factory=CohortQuery)
     timeout_s: float = 30.0
     cache_dir: str = ""
+
+    @property
+    def address(self) -> str:
+        """The PACS as errors and logs name it: its DICOMweb URL or ``dicom://AE@host:port``."""
+        return self.dimse.address if self.dimse is not None else self.dicomweb_url
 
     def password(self) -> str:
         """Read the password now, from its file or environment variable (``""`` without either)."""
@@ -139,9 +152,13 @@ def load_pacs_config(path: str | os.PathLike[str]) -> PacsConfig:
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise _bad(source, unknown[0], f"unknown key (valid: {', '.join(sorted(_TOP_KEYS))})")
-    url = str(raw.get("dicomweb_url", "")).rstrip("/")
-    if not re.match(r"^https?://", url):
-        raise _bad(source, "dicomweb_url", f"must be an http(s) URL of the DICOMweb root, got {url!r}")
+    url = str(raw.get("dicomweb_url", "") or "").rstrip("/")
+    dimse = _dimse_settings(source, raw) if "dimse" in raw else None
+    if dimse is not None and url:
+        raise _bad(source, "dimse", "give dicomweb_url or dimse, not both")
+    if dimse is None and not re.match(r"^https?://", url):
+        raise _bad(source, "dicomweb_url", f"must be an http(s) URL of the DICOMweb root (or give a dimse "
+                                           f"block: host, port, called_ae, calling_ae), got {url!r}")
     cohort = raw.get("cohort") or {}
     if not isinstance(cohort, dict) or set(cohort) - _COHORT_KEYS:
         bad = sorted(set(cohort) - _COHORT_KEYS) if isinstance(cohort, dict) else ["(not a mapping)"]
@@ -162,7 +179,7 @@ def load_pacs_config(path: str | os.PathLike[str]) -> PacsConfig:
     if labels and not Path(labels).expanduser().is_absolute():
         labels = str(source.parent / labels)
     return PacsConfig(
-        source=source, dicomweb_url=url, username=str(raw.get("username", "") or ""),
+        source=source, dicomweb_url=url, dimse=dimse, username=str(raw.get("username", "") or ""),
         password_file=str(raw.get("password_file", "") or ""), password_env=str(raw.get("password_env", "") or ""),
         labels=labels, key_column=key_column, label_column=str(raw.get("label_column", "label")),
         cohort=CohortQuery(
@@ -170,6 +187,30 @@ def load_pacs_config(path: str | os.PathLike[str]) -> PacsConfig:
             body_part=str(cohort.get("body_part", "") or ""), series_description=pattern, **dates),
         timeout_s=float(raw.get("timeout_s", 30.0)), cache_dir=str(raw.get("cache_dir", "") or ""),
     )
+
+
+def _dimse_settings(source: Path, raw: dict) -> DimseSettings:
+    """The ``dimse`` block: host, port and AE titles; no credential key may go with it."""
+    block = raw["dimse"]
+    if not isinstance(block, dict) or set(block) - _DIMSE_KEYS:
+        bad = sorted(set(block) - _DIMSE_KEYS) if isinstance(block, dict) else ["(not a mapping)"]
+        raise _bad(source, f"dimse.{bad[0]}", f"unknown key (valid: {', '.join(sorted(_DIMSE_KEYS))})")
+    for key in _CREDENTIAL_KEYS:
+        if raw.get(key):
+            raise _bad(source, key, "DIMSE has no password: the PACS admits the site by its AE title "
+                                    "(dimse.calling_ae, allow-listed at the PACS); remove this key")
+    host, port = str(block.get("host", "") or ""), block.get("port")
+    if not host:
+        raise _bad(source, "dimse.host", "the PACS's host name or address is required")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise _bad(source, "dimse.port", f"a TCP port (1-65535), got {port!r}")
+    titles = {k: str(block.get(k, "") or "") for k in ("called_ae", "calling_ae")}
+    titles["calling_ae"] = titles["calling_ae"] or "MEDFED"
+    for key, title in titles.items():
+        if not re.fullmatch(r"[ -~]{1,16}", title) or title.strip() != title or "\\" in title:
+            raise _bad(source, f"dimse.{key}", f"an AE title of 1-16 printable characters without "
+                                               f"backslash or outer spaces, got {title!r}")
+    return DimseSettings(host=host, port=port, timeout_s=float(raw.get("timeout_s", 30.0)), **titles)
 
 
 @dataclass(frozen=True)
@@ -193,6 +234,15 @@ def pacs_errors(config: PacsConfig, what: str) -> Iterator[None]:
 
     try:
         yield
+    except DimseFailure as exc:
+        if exc.kind == "rejected":
+            raise PacsError(f"PACS {config.address} rejected the association of {exc} while trying to {what}: "
+                            "the PACS must allow-list this AE title (and host) for C-FIND, C-GET and C-STORE "
+                            f"(dimse.calling_ae in {config.source})") from None
+        if exc.kind == "unreachable":
+            raise PacsError(f"PACS {config.address} is unreachable ({exc}) while trying to {what}: "
+                            "check dimse host, port and called_ae and the network") from None
+        raise PacsError(f"PACS {config.address}: {exc} while trying to {what}") from None
     except requests.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
         if code in (401, 403):
@@ -207,7 +257,10 @@ def pacs_errors(config: PacsConfig, what: str) -> Iterator[None]:
 
 
 def connect(config: PacsConfig) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` for the site's PACS (basic auth when a username is set)."""
+    """A client for the site's PACS: a ``dicomweb_client.DICOMwebClient`` (basic auth when a username
+    is set) or, for a ``dimse`` PACS, a :class:`~federation.data.dicom.dimse.DimseClient`."""
+    if config.dimse is not None:
+        return DimseClient(config.dimse, study_date=(config.cohort.study_date_from, config.cohort.study_date_to))
     import requests  # noqa: PLC0415
     from dicomweb_client.api import DICOMwebClient  # noqa: PLC0415
 
@@ -231,7 +284,7 @@ def query_cohort(config: PacsConfig, *, client: Any = None) -> list[CohortSeries
     """The series of the cohort (QIDO-RS; criteria applied to what the PACS answers), sorted by UID."""
     client = client or connect(config)
     filters = {"Modality": config.cohort.modalities[0]} if len(config.cohort.modalities) == 1 else {}
-    with pacs_errors(config, "query the cohort (QIDO-RS)"):
+    with pacs_errors(config, "query the cohort (C-FIND)" if config.dimse else "query the cohort (QIDO-RS)"):
         found = client.search_for_series(fields=list(_FIELDS), search_filters=filters, get_remaining=True)
     series = []
     for item in found:
@@ -307,7 +360,7 @@ def _fetch_series(client: Any, config: PacsConfig, series: CohortSeries, cache: 
         if entry and entry.get("path") == rel and path.is_file() and sha256_file(path) == entry.get("sha256"):
             result.reused += 1
             continue
-        with pacs_errors(config, f"retrieve instance {sop} (WADO-RS)"):
+        with pacs_errors(config, f"retrieve instance {sop} ({'C-GET' if config.dimse else 'WADO-RS'})"):
             ds = client.retrieve_instance(series.study_instance_uid, series.series_instance_uid, sop,
                                           media_types=(("application/dicom", "*"),))
         _write_atomic(path, lambda p, d=ds: d.save_as(p, enforce_file_format=True))
@@ -371,7 +424,7 @@ def sync_cohort(config: PacsConfig, *, cache_dir: str | os.PathLike[str], labell
     _save_manifest(cache, manifest)
     _write_labels(cache, manifest, labels)
     logger.info("PACS cohort %s: %d series, %d instances fetched, %d reused, %d removed",
-                config.dicomweb_url, len(wanted), result.fetched, result.reused, result.removed)
+                config.address, len(wanted), result.fetched, result.reused, result.removed)
     return result
 
 

@@ -1,0 +1,199 @@
+"""A site's PACS over DIMSE (pynetdicom): C-FIND to query, C-GET to retrieve, C-STORE to write back.
+
+For a PACS without DICOMweb. The site's PACS YAML names it with a ``dimse`` block instead
+of ``dicomweb_url``::
+
+    dimse:
+      host: pacs.hospital.local
+      port: 104
+      called_ae: HOSPITALPACS     # the PACS's AE title
+      calling_ae: MEDFED_NORTH    # this site's AE title, allow-listed at the PACS
+
+DIMSE has no password: the PACS admits an association by the calling AE title (and, in
+most PACS, the host it comes from), so the site's AE title must be registered at the PACS
+with C-FIND and C-GET allowed (and C-STORE for ``predict --pacs``). Retrieval uses C-GET on
+the same association, so the site opens no listening port (C-MOVE is not used).
+
+:class:`DimseClient` offers the few methods of ``dicomweb_client.DICOMwebClient`` that
+:mod:`federation.data.dicom.pacs` and :mod:`federation.inference.writeback` call, with the
+same answers (DICOM JSON for searches, datasets for retrievals), so the cohort cache,
+its checks and quarantine are the same for both protocols.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+_SERIES_FIELDS = ("SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription",
+                  "NumberOfSeriesRelatedInstances")
+_STUDY_FIELDS = ("StudyInstanceUID", "StudyDate", "AccessionNumber")
+_SUCCESS, _PENDING = 0x0000, (0xFF00, 0xFF01)
+
+
+class DimseFailure(RuntimeError):
+    """A DIMSE operation failed; ``kind`` is ``unreachable``, ``rejected`` or ``status``."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    """Where the PACS listens and which AE titles the association uses."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str = "MEDFED"
+    timeout_s: float = 30.0
+
+    @property
+    def address(self) -> str:
+        """The PACS as errors and logs name it: ``dicom://CALLED_AE@host:port``."""
+        return f"dicom://{self.called_ae}@{self.host}:{self.port}"
+
+
+def _date_range(date_from: str, date_to: str) -> str:
+    return f"{date_from}-{date_to}" if (date_from or date_to) else ""
+
+
+class DimseClient:
+    """C-FIND/C-GET/C-STORE against one PACS, one association per operation."""
+
+    def __init__(self, settings: DimseSettings, *, study_date: tuple[str, str] = ("", "")) -> None:
+        self.settings = settings
+        self.study_date = study_date  # the cohort's date range, matched by the study-level C-FIND
+        self._sop_classes: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, from the instance C-FIND
+
+    def _ae(self) -> Any:
+        from pynetdicom import AE  # noqa: PLC0415
+
+        ae = AE(ae_title=self.settings.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
+        ae.connection_timeout = min(self.settings.timeout_s, 10.0)
+        return ae
+
+    @contextmanager
+    def _association(self, ae: Any, **kwargs: Any) -> Iterator[Any]:
+        assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_ae, **kwargs)
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r}")
+            raise DimseFailure("unreachable", "no association")
+        try:
+            yield assoc
+        finally:
+            assoc.release()
+
+    def find(self, level: str, query: dict[str, str], *, fields: Sequence[str]) -> list[Dataset]:
+        """C-FIND (Study Root) at ``level``: matching identifiers with ``fields`` returned."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # noqa: PLC0415
+
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        for keyword in fields:
+            setattr(identifier, keyword, query.get(keyword, ""))
+        ae = self._ae()
+        ae.add_requested_context(FIND)
+        found = []
+        with self._association(ae) as assoc:
+            for status, answer in assoc.send_c_find(identifier, FIND):
+                code = _status(status)
+                if code in _PENDING and answer is not None:
+                    found.append(answer)
+                elif code != _SUCCESS:
+                    raise DimseFailure("status", f"C-FIND answered status 0x{code:04X}")
+        return found
+
+    def search_for_series(self, *, fields: Sequence[str] = (), search_filters: dict[str, str] | None = None,
+                          get_remaining: bool = True) -> list[dict]:
+        """Series of every study (study-level then series-level C-FIND) as DICOM JSON, like QIDO-RS."""
+        del fields, get_remaining  # always the fields the cohort needs, always every match
+        studies = self.find("STUDY", {"StudyDate": _date_range(*self.study_date)}, fields=_STUDY_FIELDS)
+        answers = []
+        for study in studies:
+            series = self.find("SERIES", {"StudyInstanceUID": study.StudyInstanceUID, **(search_filters or {})},
+                               fields=("StudyInstanceUID", *_SERIES_FIELDS))
+            for item in series:
+                for keyword in _STUDY_FIELDS:
+                    setattr(item, keyword, study.get(keyword, ""))
+                answers.append(item.to_json_dict())
+        return answers
+
+    def search_for_instances(self, study_instance_uid: str, series_instance_uid: str, *,
+                             fields: Sequence[str] = (), get_remaining: bool = True) -> list[dict]:
+        """The instances of one series (image-level C-FIND) as DICOM JSON."""
+        del fields, get_remaining
+        found = self.find("IMAGE", {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_instance_uid},
+                          fields=("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+        for item in found:
+            self._sop_classes[str(item.SOPInstanceUID)] = str(item.get("SOPClassUID", ""))
+        return [item.to_json_dict() for item in found]
+
+    def retrieve_instance(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str,
+                          *, media_types: Any = None) -> Dataset:
+        """One instance by C-GET (the PACS sends it back over the same association)."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt  # noqa: PLC0415
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # noqa: PLC0415
+
+        del media_types
+        sop_class = self._sop_classes.get(sop_instance_uid) or self._sop_class(
+            study_instance_uid, series_instance_uid, sop_instance_uid)
+        received: list[Dataset] = []
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            received.append(ds)
+            return _SUCCESS
+
+        ae = self._ae()
+        ae.add_requested_context(GET)
+        ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES)  # as the PACS stored it: no transcoding
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study_instance_uid, series_instance_uid
+        identifier.SOPInstanceUID = sop_instance_uid
+        with self._association(ae, ext_neg=[build_role(sop_class, scp_role=True)],
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+            for status, _ in assoc.send_c_get(identifier, GET):
+                code = _status(status)
+                if code not in _PENDING and code != _SUCCESS:
+                    raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} answered status 0x{code:04X}")
+        if len(received) != 1:
+            raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} returned {len(received)} instances")
+        return received[0]
+
+    def _sop_class(self, study: str, series: str, sop: str) -> str:
+        self.search_for_instances(study, series)
+        if sop not in self._sop_classes:
+            raise DimseFailure("status", f"instance {sop} is not in series {series}")
+        return self._sop_classes[sop]
+
+    def store_instances(self, datasets: Sequence[Dataset]) -> None:
+        """C-STORE each dataset (one association; its SOP class in its own transfer syntax)."""
+        ae = self._ae()
+        for ds in datasets:
+            syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
+            ae.add_requested_context(ds.SOPClassUID, [syntax] if syntax else None)
+        with self._association(ae) as assoc:
+            for ds in datasets:
+                code = _status(assoc.send_c_store(ds))
+                if code != _SUCCESS:
+                    raise DimseFailure("status", f"C-STORE of {ds.SOPInstanceUID} answered status 0x{code:04X}")
+
+
+def _status(status: Dataset | None) -> int:
+    """A DIMSE status code; an empty status (timeout, aborted association) is a failure."""
+    if status is None or "Status" not in status:
+        raise DimseFailure("unreachable", "the association was aborted or timed out")
+    return int(status.Status)

@@ -1,0 +1,141 @@
+"""A site's cohort from a PACS over DIMSE (C-FIND, C-GET, C-STORE) against a real Orthanc's DICOM port.
+
+Orthanc (tests/orthanc_fixture.py) admits only the AE title ``MEDFEDSITE`` from 127.0.0.1
+and checks that it is called by its own AE title: DIMSE has no password.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from tests.orthanc_fixture import PACS_AET, SITE_AET, OrthancServer, orthanc  # noqa: F401 - the fixture
+from tests.test_pacs import _client, pacs  # noqa: F401 - the demo cohort in Orthanc
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+def _dimse_yaml(tmp_path: Path, server: OrthancServer, pacs: dict, *, port: int | None = None,  # noqa: F811
+                calling_ae: str = SITE_AET, extra: dict | None = None) -> Path:
+    labels = [(uid, "b" if i % 2 else "a") for i, uid in enumerate(pacs["ct"])]
+    (tmp_path / "labels.csv").write_text("series_instance_uid,label\n" + "".join(f"{k},{v}\n" for k, v in labels),
+                                         encoding="utf-8")
+    config = {"dimse": {"host": "127.0.0.1", "port": port or server.dicom_port, "called_ae": PACS_AET,
+                        "calling_ae": calling_ae},
+              "labels": "labels.csv", "key_column": "series_instance_uid", "timeout_s": 10,
+              "cohort": {"modality": "CT", "body_part": "CHEST", "study_date_from": "20240101",
+                         "series_description": "ax chest.*"}, **(extra or {})}
+    path = tmp_path / "site-pacs.yaml"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def test_dimse_config_has_no_password_and_checks_its_block(tmp_path: Path) -> None:
+    from federation.data.dicom.pacs import PacsError, load_pacs_config
+
+    def load(config: dict) -> object:
+        (tmp_path / "p.yaml").write_text(json.dumps(config), encoding="utf-8")
+        return load_pacs_config(tmp_path / "p.yaml")
+
+    block = {"host": "pacs.local", "port": 104, "called_ae": "HOSPITALPACS", "calling_ae": "MEDFED_NORTH"}
+    config = load({"dimse": block})
+    assert config.address == "dicom://HOSPITALPACS@pacs.local:104" and config.dicomweb_url == ""
+    with pytest.raises(PacsError, match=r"password_env: DIMSE has no password: the PACS admits the site by its AE"):
+        load({"dimse": block, "password_env": "X"})
+    with pytest.raises(PacsError, match=r"dimse.port: a TCP port \(1-65535\), got '104'"):
+        load({"dimse": {**block, "port": "104"}})
+    with pytest.raises(PacsError, match=r"dimse.called_ae: an AE title of 1-16 printable"):
+        load({"dimse": {**block, "called_ae": "A" * 17}})
+    with pytest.raises(PacsError, match=r"dimse.tls: unknown key \(valid: called_ae, calling_ae, host, port\)"):
+        load({"dimse": {**block, "tls": True}})
+    with pytest.raises(PacsError, match="give dicomweb_url or dimse, not both"):
+        load({"dimse": block, "dicomweb_url": "https://pacs/dicom-web"})
+
+
+def test_dimse_cohort_is_queried_retrieved_and_checked_like_dicomweb(
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict) -> None:  # noqa: F811
+    from federation.data.dicom.pacs import load_pacs_config, query_cohort, sync_cohort
+    from federation.data.dicom.pacs_report import check_pacs_cohort
+
+    config = load_pacs_config(_dimse_yaml(tmp_path, orthanc, pacs))
+    found = query_cohort(config)  # study-level then series-level C-FIND
+    assert sorted(s.series_instance_uid for s in found) == sorted(pacs["ct"])
+    assert {s.modality for s in found} == {"CT"} and sorted(s.instances for s in found) == [3, 4, 4]
+    assert {s.study_date for s in found} == {"20240312"} and {s.accession_number for s in found} == {
+        "CTACC0", "CTACC1", "CTACC2"}
+    first = sync_cohort(config, cache_dir=tmp_path / "cache")  # C-GET
+    assert (first.fetched, first.reused, first.removed) == (11, 0, 0)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    originals = {pydicom.dcmread(f).SOPInstanceUID: f for files in pacs["ct"].values() for f in files}
+    assert sorted(manifest) == sorted(originals)
+    for sop, entry in manifest.items():
+        cached = tmp_path / "cache" / entry["path"]
+        assert hashlib.sha256(cached.read_bytes()).hexdigest() == entry["sha256"]
+        assert (pydicom.dcmread(cached).pixel_array == pydicom.dcmread(originals[sop]).pixel_array).all()
+    cached.write_bytes(cached.read_bytes()[:-10])
+    report = check_pacs_cohort(config, cache_dir=tmp_path / "cache")  # the re-run fetches only the damaged one
+    assert (report.sync.fetched, report.sync.reused) == (1, 10)
+    broken = list(pacs["ct"])[2]
+    assert [(p.series_instance_uid, p.reason) for p in report.problems] == [(broken, "missing_slice")]
+    rows = list(csv.DictReader(open(tmp_path / "cache" / "labels.csv", encoding="utf-8")))
+    assert len(rows) == 11 and {r["series_instance_uid"] for r in rows} == set(pacs["ct"])
+    assert len(orthanc.rest("/instances")) == pacs["n_instances"]  # training never writes to the PACS
+
+
+@pytest.mark.parametrize("problem", ["unknown_ae", "unreachable"])
+def test_a_refused_or_unreachable_dimse_pacs_is_a_clear_error_and_nothing_changes(
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict, problem: str) -> None:  # noqa: F811
+    from federation.data.dicom.pacs import PacsError, load_pacs_config, sync_cohort
+
+    port = 9 if problem == "unreachable" else None
+    path = _dimse_yaml(tmp_path, orthanc, pacs, port=port, calling_ae="INTRUDER" if port is None else SITE_AET)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(PacsError) as err:
+        sync_cohort(load_pacs_config(path), cache_dir=tmp_path / "state" / "cache")
+    address = f"dicom://{PACS_AET}@127.0.0.1:{port or orthanc.dicom_port}"
+    expected = ("is unreachable" if port else "rejected the association of calling AE title 'INTRUDER'")
+    assert str(err.value).startswith(f"PACS {address} {expected}") and "C-FIND" in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_predict_stores_research_reports_by_c_store(tmp_path: Path, orthanc: OrthancServer,
+                                                    pacs: dict) -> None:  # noqa: F811
+    import torch
+
+    from federation.config.schema import ModelConfig
+    from federation.inference.export import export_model
+    from federation.inference.preprocess import Preprocessing
+    from federation.models import build_model
+    from simulations.cli import app
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn"), in_channels=1, num_classes=2, dp=False)
+    exported = export_model(model=model, preprocessing=Preprocessing(image_size=28, in_channels=1),
+                            out_dir=tmp_path / "run" / "export",
+                            metadata={"run": "dimse-test", "round": 2, "num_classes": 2, "label_names": ["a", "b"],
+                                      "positive_class": 1, "threshold": 0.5, "model": {"name": "cnn"}})
+    client = _client(orthanc)
+    before = len(client.search_for_series(search_filters={"Modality": "SR"}))
+    result = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "run"), "--pacs",
+                                      str(_dimse_yaml(tmp_path, orthanc, pacs)), "--pacs-cache", str(tmp_path / "c")],
+                                terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert (f"3 research report(s) (DICOM SR, not for clinical use) stored in PACS dicom://{PACS_AET}@127.0.0.1:"
+            f"{orthanc.dicom_port} for 11 image(s) of 3 series") in " ".join(result.output.split())
+    found = [pydicom.Dataset.from_json(i) for i in client.search_for_series(search_filters={"Modality": "SR"})]
+    mine = []
+    for ref in found:
+        sop = pydicom.Dataset.from_json(client.search_for_instances(ref.StudyInstanceUID, ref.SeriesInstanceUID)[0])
+        sr = client.retrieve_instance(ref.StudyInstanceUID, ref.SeriesInstanceUID, sop.SOPInstanceUID)
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+        if items["Model name"].TextValue == "medfed cnn (dimse-test)":
+            mine.append(items["Source series"].TextValue)
+            assert items["Model SHA-256"].TextValue == exported.meta["sha256"]["model.pt2"]
+            assert sr.SeriesDescription == "medfed research output - NOT FOR CLINICAL USE"
+    assert len(found) == before + 3 and sorted(mine) == sorted(pacs["ct"])
