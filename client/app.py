@@ -11,7 +11,7 @@ error replies that carry no exception text; the site's policy
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,7 +20,7 @@ from client.admission import evaluate_refusal
 from client.guard import check_reply, evaluate_metrics, refusal, train_metrics_allowed
 from client.handling import Request, check_policy_at_start, handle, setup, train_audit
 from client.secagg import MASKED_ARRAY, answer_stage, check_masked_record, masked_update, secure_round
-from client.site import evaluate_request, train_round
+from client.site import TrainOutcome, evaluate_request, train_round
 from client.transfer import update_record
 from federation.data import DataMismatch
 from federation.secagg import SecAggProtocolError
@@ -36,7 +36,15 @@ def lifespan(context: Context) -> Iterator[None]:
     yield from check_policy_at_start(context)
 
 
-def _train(msg: Message, context: Context, request: Request) -> RecordDict:
+def train_body(
+    msg: Message, context: Context, request: Request, *, site_round: Callable[..., TrainOutcome] = train_round
+) -> RecordDict:
+    """The train handler's body: policy and secagg checks, ``site_round`` (the site's round), the guarded reply.
+
+    A deployed site always runs :func:`client.site.train_round`; only the simulation's
+    ClientApp (:mod:`simulations.adversary_app`) passes another ``site_round``: the honest
+    one plus a simulated site's faults and attacks.
+    """
     config, settings, policy = setup(msg, context, request)
     global_weights = msg.content["arrays"].to_torch_state_dict()
     round_config = msg.content["config"]
@@ -51,7 +59,7 @@ def _train(msg: Message, context: Context, request: Request) -> RecordDict:
         content["status"] = ConfigRecord({"refused": refusal("secagg-required", "policy require_secagg is true")})
         request.audit["refused"] = content["status"]["refused"]
         return check_reply(content, allowed_metrics=())
-    outcome = train_round(
+    outcome = site_round(
         config=config,
         settings=settings,
         global_weights=global_weights,
@@ -111,7 +119,7 @@ def _evaluate(msg: Message, context: Context, request: Request) -> RecordDict:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model locally (with DP when configured), within the site's policy."""
-    return handle("train", msg, context, _train)
+    return handle("train", msg, context, train_body)
 
 
 @app.query("secagg")

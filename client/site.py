@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from client.admission import Admission, admit_train_round, evaluation_budget_refusal
-from client.adversary import inject_fault, outgoing_weights, training_set
 from client.evaluation import EvaluationRecord, EvaluationRules, evaluation_rules, lifetime_evaluations, request_key
 from client.cache import checkout_model, release_model, site_data
 from client.guard import check_site_name, refusal
@@ -278,6 +277,7 @@ def train_round(
     proximal_mu: float = 0.0,
     policy: SitePolicy | None = None,
     run_id: int | None = None,
+    data: SiteData | None = None,
 ) -> TrainOutcome:
     """Train the global model on this site's data for one round.
 
@@ -286,18 +286,19 @@ def train_round(
     budget (see :func:`client.admission.admit_train_round`). The site's ledger
     records the epsilon reserved before and spent after training. A round asked for
     again from the same global model (a coordinator resumed after a crash) gets the
-    reply already sent, spending nothing (:mod:`client.replay`).
+    reply already sent, spending nothing (:mod:`client.replay`). ``data`` is the site's data when the
+    caller loaded it already (default: :func:`load_data`; a simulated attacker's poisoned copy comes
+    from :mod:`simulations.adversary_app`, never from a deployed site's code).
     """
     from federation.training.schedule import with_site_schedule  # noqa: PLC0415
 
-    inject_fault(config, settings, server_round=server_round)  # simulated faults only
     sent = saved_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights)
     if sent is not None:
         logger.warning("site %s: round %d of run %s was trained already; resending its reply (no epsilon spent)",
                        settings.name, server_round, settings.run_name)
         return TrainOutcome(weights=sent[0], metrics=sent[1], replayed=True)
     try:
-        data = load_data(config, settings)
+        data = load_data(config, settings) if data is None else data
     except DataMismatch as mismatch:
         reason = refusal("data-mismatch", mismatch.detail)
         logger.warning("site %s refuses round %d: %s", settings.name, server_round, reason)
@@ -354,8 +355,7 @@ def _train_admitted(
     try:
         result = train_local(
             model=model,
-            dataset=training_set(config, settings, dataset=data.train, num_classes=data.num_classes,
-                                 server_round=server_round),  # simulated label_flip attack only
+            dataset=data.train,
             config=config.train,
             privacy=privacy,
             seed=config.seed * 100_003 + server_round * 1_009 + settings.site_index,
@@ -383,11 +383,9 @@ def _train_admitted(
         from client.personal import keep_local_norm  # noqa: PLC0415
 
         local = keep_local_norm(model, settings=settings, local=local, global_weights=global_weights)
-    weights = outgoing_weights(config, settings, global_weights=global_weights, local_weights=local,
-                               server_round=server_round)  # simulated update attacks only
-    save_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights, weights=weights,
+    save_reply(settings.run_state_dir, server_round=server_round, global_weights=global_weights, weights=local,
                metrics=metrics)  # a redone round resends it instead of spending again
-    return TrainOutcome(weights=weights, metrics=metrics, admission=admission)
+    return TrainOutcome(weights=local, metrics=metrics, admission=admission)
 
 
 def evaluate_round(

@@ -12,8 +12,8 @@ A research harness needs adversaries to test robust aggregation. Four classic on
 
 Only floating-point parameters and buffers are attacked; integer buffers (e.g.
 BatchNorm's ``num_batches_tracked``) pass through unchanged. Nothing here runs
-unless ``attack.kind`` is set, and the ClientApp applies it only at simulated
-sites (:mod:`client.adversary`).
+unless ``attack.kind`` is set, and only the simulation's ClientApp applies it, at
+simulated sites (:mod:`simulations.adversary_app`; a deployed site never loads it).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ touches the engine's internals, version-checked), with:
   generated ``pyproject.toml`` whose ``[tool.flwr.app.config]`` lists the same
   keys, so every virtual SuperNode gets the full run config exactly as a real
   SuperNode would from a FAB;
-* the very ``client.app:app`` and ``server.app:app`` objects a deployment runs.
+* the very ``server.app:app`` a deployment runs, and ``simulations.adversary_app:app``: the deployed
+  ``client.app:app`` handlers plus the simulated sites' faults and attacks.
 
 medfed starts Ray itself, with the settings Flower's backend would use plus an
 exit hook for the site workers (:func:`start_ray`), so the harness can start it
@@ -59,7 +60,7 @@ def write_app_dir(directory: Path, config: ExperimentConfig) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "medfed",
-                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "components": {"serverapp": "server.app:app", "clientapp": "simulations.adversary_app:app"},
                     "config": config.model_dump(),
                 }
             }
@@ -209,7 +210,7 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
         verbose: Show Flower's and Ray's logs.
     """
     start_ray(verbose=verbose, address=config.simulation.ray_address)  # unless the harness started it already
-    from client.app import app as client_app
+    from simulations.adversary_app import app as client_app  # client.app's handlers + faults/attacks
     from server.app import app as server_app
 
     with tempfile.TemporaryDirectory(prefix="medfed-app-") as tmp:

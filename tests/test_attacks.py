@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from client.adversary import inject_fault, outgoing_weights, training_set
 from client.site import site_settings
 from federation.attacks import attack_update, flip_labels, is_attacking, label_flipped, malicious_sites
 from federation.config import ConfigError, load_config
 from federation.config.schema import AttackConfig, FaultsConfig
 from federation.faults import SiteDropout, fault_schedule, round_faults
+from simulations.adversary_app import inject_fault, outgoing_weights, training_set
 from simulations.harness import resolve_config
 
 
