@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from federation.config.schema import TrainConfig
 from federation.data import SiteData, load_site_data
 from federation.models import build_model
 from federation.privacy import SitePrivacy
+from federation.tasks import get_task
 from federation.training import TrainResult, evaluate, select_device, train_local
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,18 @@ logger = logging.getLogger(__name__)
 BASELINES_JSON = "baselines.json"
 BASELINES_MD = "baselines.md"
 METRICS = ("accuracy", "auc", "loss")
+SEGMENTATION_METRICS = ("dice", "loss")
+"""What a segmentation row compares (and each class's ``dice-<c>``): Dice ranks, as AUC does for classifiers."""
+_CLASS_DICE = re.compile(r"dice-\d+")
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The metrics the baselines compare for ``data.task`` (segmentation adds each class's ``dice-<c>``)."""
+    return SEGMENTATION_METRICS if task == "segmentation" else METRICS
+
+
+def _keeps(metric: str, task: str) -> bool:
+    return metric in task_metrics(task) or (task == "segmentation" and _CLASS_DICE.fullmatch(metric) is not None)
 
 
 @dataclass
@@ -65,8 +79,12 @@ class MethodResult:
 
     def mean_over_sites(self, metric: str) -> float:
         """Unweighted mean of ``metric`` over the sites (NaN-safe)."""
-        values = [m[metric] for m in self.per_site.values() if not math.isnan(m[metric])]
+        values = [m[metric] for m in self.per_site.values() if not math.isnan(m.get(metric, math.nan))]
         return float(np.mean(values)) if values else math.nan
+
+    def metric_names(self) -> list[str]:
+        """The metrics its sites hold (``n`` left out), in their order."""
+        return list(dict.fromkeys(m for values in self.per_site.values() for m in values if m != "n"))
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -75,7 +93,7 @@ class MethodResult:
             "epochs": self.epochs,
             "per_site": self.per_site,
             "overall": self.overall,
-            "mean_over_sites": {m: self.mean_over_sites(m) for m in METRICS},
+            "mean_over_sites": {m: self.mean_over_sites(m) for m in self.metric_names()},
             **self.extra,
         }
 
@@ -89,7 +107,7 @@ def _fresh_model(config: ExperimentConfig, site: SiteData) -> torch.nn.Module:
     """The federated run's initial model (same seed, same architecture)."""
     torch.manual_seed(config.seed)
     return build_model(config.model, in_channels=site.in_channels, num_classes=site.num_classes,
-                       spatial_dims=site.spatial_dims, dp=config.privacy.enabled)
+                       spatial_dims=site.spatial_dims, dp=config.privacy.enabled, task=config.data.task)
 
 
 def matched_epochs(config: ExperimentConfig, *, site_sizes: list[int], site: int | None) -> float:
@@ -136,21 +154,25 @@ def train_centralised(
         privacy = SitePrivacy(config=config.privacy, num_examples=len(dataset),  # type: ignore[arg-type]
                               batch_size=train.batch_size, local_epochs=epochs, planned_rounds=1)
     result = train_local(model=model, dataset=dataset, config=train, privacy=privacy, seed=seed,
-                         device=select_device(train.device))
+                         device=select_device(train.device), task=config.data.task)
     logger.info("baseline: %d steps over %d samples, loss %.4f, epsilon %.3f", result.steps,
                 len(dataset), result.loss, result.epsilon)  # type: ignore[arg-type]
     return model, result
 
 
+def _evaluate(model: torch.nn.Module, dataset: Dataset, task: str) -> dict[str, float]:
+    """The task's test metrics of ``model`` on ``dataset`` and its size ``n``."""
+    if task == "classification":
+        result = evaluate(model=model, dataset=dataset)
+        return {**result.metrics(), "n": float(result.num_examples)}
+    return {**get_task(task).evaluate(model=model, dataset=dataset), "n": float(len(dataset))}  # type: ignore[arg-type]
+
+
 def evaluate_everywhere(model: torch.nn.Module, sites: list[SiteData], *, method: str,
-                        epochs: float | None = None) -> MethodResult:
-    """Evaluate ``model`` on each site's test split and on all of them pooled."""
-    per_site = {}
-    for site in sites:
-        result = evaluate(model=model, dataset=site.test)
-        per_site[site.name] = {**result.metrics(), "n": float(result.num_examples)}
-    pooled = evaluate(model=model, dataset=ConcatDataset([s.test for s in sites]))
-    overall = {**pooled.metrics(), "n": float(pooled.num_examples)}
+                        epochs: float | None = None, task: str = "classification") -> MethodResult:
+    """Evaluate ``model`` on each site's test split and on all of them pooled (``task``: ``data.task``)."""
+    per_site = {site.name: _evaluate(model, site.test, task) for site in sites}
+    overall = _evaluate(model, ConcatDataset([s.test for s in sites]), task)
     return MethodResult(method=method, per_site=per_site, overall=overall, epochs=epochs)
 
 
@@ -162,7 +184,7 @@ def federated_result(run_dir: Path, config: ExperimentConfig, sites: list[SiteDa
     state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
     model = _fresh_model(config, sites[0])
     model.load_state_dict(state["weights"])
-    result = evaluate_everywhere(model, sites, method="federated")
+    result = evaluate_everywhere(model, sites, method="federated", task=config.data.task)
     result.extra["round"] = int(state["round"])
     return result
 
@@ -187,8 +209,9 @@ def final_site_metrics(run_dir: Path, config: ExperimentConfig | None = None) ->
 
         config = load_config(run_dir / "config.yaml")
     names = [f"site-{k + 1}" for k in range(config.data.num_sites)]
-    if all(name in reported and "accuracy" in reported[name] for name in names):
-        return {name: {m: _float(reported[name][m]) for m in METRICS if m in reported[name]} for name in names}
+    task, headline = config.data.task, task_metrics(config.data.task)[0]
+    if all(name in reported and headline in reported[name] for name in names):
+        return {name: {m: _float(v) for m, v in reported[name].items() if _keeps(m, task)} for name in names}
     cache = run_dir / SITE_EVAL_JSON
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -242,13 +265,15 @@ def run_baselines(config: ExperimentConfig, *, run_dir: Path | None = None) -> l
     pooled_epochs = matched_epochs(config, site_sizes=sizes, site=None)
     pooled, trained = train_centralised(config, dataset=ConcatDataset([s.train for s in sites]),
                                         template=sites[0], epochs=pooled_epochs, seed=config.seed * 100_003 + 7)
-    results.append(evaluate_everywhere(pooled, sites, method="pooled", epochs=pooled_epochs))
+    results.append(evaluate_everywhere(pooled, sites, method="pooled", epochs=pooled_epochs,
+                                       task=config.data.task))
     results[-1].extra["epsilon"] = float(trained.epsilon)
     for k, site in enumerate(sites):
         epochs = matched_epochs(config, site_sizes=sizes, site=k)
         local, trained = train_centralised(config, dataset=site.train, template=site, epochs=epochs,
                                            seed=config.seed * 100_003 + 11 + k)
-        results.append(evaluate_everywhere(local, sites, method=f"local:{site.name}", epochs=epochs))
+        results.append(evaluate_everywhere(local, sites, method=f"local:{site.name}", epochs=epochs,
+                                           task=config.data.task))
         results[-1].extra["epsilon"] = float(trained.epsilon)
     if run_dir is not None:
         federated = federated_result(run_dir, config, sites)
@@ -267,7 +292,7 @@ def local_own_site(results: list[MethodResult]) -> MethodResult | None:
     if not local:
         return None
     per_site = {name: r.per_site[name] for name, r in local.items()}
-    return MethodResult(method="local-only (own site)", per_site=per_site, overall={m: math.nan for m in METRICS})
+    return MethodResult(method="local-only (own site)", per_site=per_site, overall={})
 
 
 def comparison_rows(results: list[MethodResult], *, metric: str) -> list[tuple[str, list[float], float, float]]:
@@ -278,7 +303,8 @@ def comparison_rows(results: list[MethodResult], *, metric: str) -> list[tuple[s
         r for r in results if r.method == "federated" or r.method in PERSONALIZED_METHODS
     ]:
         sites = list(result.per_site)
-        rows.append((result.method, [result.per_site[s][metric] for s in sites], result.mean_over_sites(metric),
+        rows.append((result.method, [result.per_site[s].get(metric, math.nan) for s in sites],
+                     result.mean_over_sites(metric),
                      result.overall.get(metric, math.nan)))
     return rows
 
@@ -287,10 +313,30 @@ def _f(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def table_metrics(results: list[MethodResult]) -> list[str]:
+    """The tables' metrics: ``accuracy``, ``auc``; for segmentation ``dice`` and each class's ``dice-<c>``."""
+    held = {m for r in results for m in r.metric_names()}
+    if "dice" not in held:
+        return ["accuracy", "auc"]
+    return ["dice", *sorted((m for m in held if _CLASS_DICE.fullmatch(m)), key=lambda m: int(m[5:]))]
+
+
+def ranking(results: list[MethodResult], *, metric: str) -> list[tuple[str, float]]:
+    """``(method, mean over sites)`` of the compared rows, best first (NaN last)."""
+    rows = [(method, mean) for method, _, mean, _ in comparison_rows(results, metric=metric)]
+    return sorted(rows, key=lambda row: (math.isnan(row[1]), -row[1] if not math.isnan(row[1]) else 0.0))
+
+
 def baselines_markdown(results: list[MethodResult], *, sites: list[str]) -> str:
-    """Markdown tables: pooled vs local-only vs federated per site, then the full local-model matrix."""
+    """Markdown tables: pooled vs local-only vs federated per site, then the full local-model matrix.
+
+    Classification compares accuracy and AUC, segmentation Dice (mean over foreground
+    classes, then each class); the local matrix and the ranking use the first of them.
+    """
     lines = []
-    for metric in ("accuracy", "auc"):
+    metrics = table_metrics(results)
+    head = metrics[0] if metrics[0] == "dice" else "accuracy"
+    for metric in metrics:
         lines += [f"**Test {metric}** (each site's own test split; mean = unweighted over sites; "
                   "overall = all sites' test data pooled)", "",
                   "| method | " + " | ".join(sites) + " | mean | overall |",
@@ -298,12 +344,15 @@ def baselines_markdown(results: list[MethodResult], *, sites: list[str]) -> str:
         for method, values, mean, overall in comparison_rows(results, metric=metric):
             lines.append(f"| {method} | " + " | ".join(_f(v) for v in values) + f" | {_f(mean)} | {_f(overall)} |")
         lines.append("")
-    lines += ["**Local-only models on every site** (rows: where the model was trained; test accuracy)", "",
+    if head == "dice":
+        lines += ["Ranked by mean site Dice: " + ", ".join(f"{k}. {m} ({_f(v)})" for k, (m, v) in
+                                                          enumerate(ranking(results, metric="dice"), 1)), ""]
+    lines += [f"**Local-only models on every site** (rows: where the model was trained; test {head})", "",
               "| trained at | " + " | ".join(sites) + " | mean | overall |", "|---|" + "---:|" * (len(sites) + 2)]
     for r in results:
         if r.method.startswith("local:"):
-            lines.append(f"| {r.method[6:]} | " + " | ".join(_f(r.per_site[s]["accuracy"]) for s in sites)
-                         + f" | {_f(r.mean_over_sites('accuracy'))} | {_f(r.overall['accuracy'])} |")
+            lines.append(f"| {r.method[6:]} | " + " | ".join(_f(r.per_site[s].get(head, math.nan)) for s in sites)
+                         + f" | {_f(r.mean_over_sites(head))} | {_f(r.overall.get(head, math.nan))} |")
     epochs = {r.method: r.epochs for r in results if r.epochs is not None}
     lines += ["", "Passes over the training data: " + ", ".join(f"{m} {e:.2f}" for m, e in epochs.items()), ""]
     return "\n".join(lines)
