@@ -19,8 +19,15 @@ COMPARISON_MD = "comparison.md"
 COMPARISON_CSV = "comparison.csv"
 RUNS_CSV = "runs.csv"
 METRICS = ("global_auc", "global_accuracy", "site_mean_auc", "site_mean_accuracy", "max_epsilon")
+SEGMENTATION_METRICS = ("global_dice", "site_mean_dice", "max_epsilon")
 LABELS = {"global_auc": "global AUC", "global_accuracy": "global accuracy", "site_mean_auc": "mean site AUC",
-          "site_mean_accuracy": "mean site accuracy", "max_epsilon": "max ε spent"}
+          "site_mean_accuracy": "mean site accuracy", "max_epsilon": "max ε spent", "global_dice": "global Dice",
+          "site_mean_dice": "mean site Dice"}
+
+
+def report_metrics(metric: str) -> tuple[str, ...]:
+    """The comparison's columns for the sweep's ranking metric (``dice``: segmentation runs)."""
+    return SEGMENTATION_METRICS if metric == "dice" else METRICS
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -30,8 +37,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(np.mean(clean)), float(np.std(clean, ddof=1)) if len(clean) > 1 else 0.0
 
 
-def comparison(rows: list[dict[str, Any]], *, grid_keys: list[str]) -> list[dict[str, Any]]:
-    """Group runs by everything but the seed; mean and sample std of every metric."""
+def comparison(rows: list[dict[str, Any]], *, grid_keys: list[str], metric: str = "auc") -> list[dict[str, Any]]:
+    """Group runs by everything but the seed; mean and sample std of every metric of :func:`report_metrics`."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["scenario"], row["strategy"], row["epsilon"], *(row.get(k) for k in grid_keys))].append(row)
@@ -39,8 +46,8 @@ def comparison(rows: list[dict[str, Any]], *, grid_keys: list[str]) -> list[dict
     for key, members in groups.items():
         entry: dict[str, Any] = {"scenario": key[0], "strategy": key[1], "epsilon": key[2],
                                  **dict(zip(grid_keys, key[3:])), "seeds": len(members)}
-        for metric in METRICS:
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = _stats([m[metric] for m in members])
+        for column in report_metrics(metric):
+            entry[f"{column}_mean"], entry[f"{column}_std"] = _stats([m[column] for m in members])
         table.append(entry)
     return table
 
@@ -49,14 +56,30 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return "n/a (no run reported it)" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def comparison_markdown(table: list[dict[str, Any]], *, grid_keys: list[str]) -> str:
-    """The comparison as a Markdown table."""
-    head = ["scenario", "strategy", "ε target", *grid_keys, "seeds", *(LABELS[m] for m in METRICS)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (3 + len(grid_keys)) + "---:|" * (1 + len(METRICS))]
+def ranking_line(table: list[dict[str, Any]], *, metric: str) -> str:
+    """``Ranked by global <metric>: 1. <group> (mean), ...`` (groups without a value last)."""
+    key = f"global_{metric}_mean"
+
+    def label(e: dict[str, Any]) -> str:
+        eps = "no DP" if e["epsilon"] == NO_DP else f"ε {e['epsilon']}"
+        grid = [str(v) for k, v in e.items() if k not in ("scenario", "strategy", "epsilon", "seeds")
+                and not k.endswith(("_mean", "_std"))]
+        return " / ".join([e["scenario"], e["strategy"], eps, *grid])
+
+    ordered = sorted(table, key=lambda e: (math.isnan(e[key]), -e[key] if not math.isnan(e[key]) else 0.0))
+    return (f"Ranked by global {LABELS.get(f'global_{metric}', metric).split(' ', 1)[1]}: "
+            + ", ".join(f"{k}. {label(e)} ({_pm(e[key], e[f'global_{metric}_std'])})" for k, e in enumerate(ordered, 1)))
+
+
+def comparison_markdown(table: list[dict[str, Any]], *, grid_keys: list[str], metric: str = "auc") -> str:
+    """The comparison as a Markdown table (columns of :func:`report_metrics`)."""
+    columns = report_metrics(metric)
+    head = ["scenario", "strategy", "ε target", *grid_keys, "seeds", *(LABELS[m] for m in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (3 + len(grid_keys)) + "---:|" * (1 + len(columns))]
     for e in table:
         cells = [e["scenario"], e["strategy"], "no DP" if e["epsilon"] == NO_DP else e["epsilon"],
                  *(str(e[k]) for k in grid_keys), str(e["seeds"])]
-        cells += [_pm(e[f"{m}_mean"], e[f"{m}_std"], 2 if m == "max_epsilon" else 3) for m in METRICS]
+        cells += [_pm(e[f"{m}_mean"], e[f"{m}_std"], 2 if m == "max_epsilon" else 3) for m in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,15 +133,15 @@ def write_plots(rows: list[dict[str, Any]], out: Path, *, metric: str) -> list[P
         written.append(path)
     epsilons = {r["epsilon"] for r in rows if r["epsilon"] != NO_DP}
     if epsilons:
-        written.append(_privacy_utility(rows, out, plt))
+        written.append(_privacy_utility(rows, out, plt, metric))
     return written
 
 
-def _privacy_utility(rows: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+def _privacy_utility(rows: list[dict[str, Any]], out: Path, plt: Any, metric: str = "auc") -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        groups[f"{r['scenario']} / {r['strategy']}"][r["epsilon"]].append(r["global_auc"])
+        groups[f"{r['scenario']} / {r['strategy']}"][r["epsilon"]].append(r[f"global_{metric}"])
     for label, by_eps in sorted(groups.items()):
         points = sorted((float(e), _stats(v)) for e, v in by_eps.items() if e != NO_DP)
         if points:
@@ -127,7 +150,8 @@ def _privacy_utility(rows: list[dict[str, Any]], out: Path, plt: Any) -> Path:
             if NO_DP in by_eps:
                 ax.axhline(_stats(by_eps[NO_DP])[0], linestyle="--", color=line[0].get_color(), alpha=0.6)
     ax.set_xscale("log")
-    ax.set(xlabel="target ε per site (δ as configured)", ylabel="global test AUC (mean ± std over seeds)",
+    ax.set(xlabel="target ε per site (δ as configured)",
+           ylabel=f"global test {LABELS[f'global_{metric}'][7:]} (mean ± std over seeds)",
            title="Privacy–utility (dashed: no DP)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -142,8 +166,8 @@ def write_sweep_report(spec: SweepSpec, root: Path) -> Path:
     """Write ``comparison.md``/``.csv``, ``runs.csv``, ``plots/`` and ``report.md`` into the sweep folder."""
     rows = collect(spec, root)
     grid_keys = list(spec.grid)
-    table = comparison(rows, grid_keys=grid_keys)
-    markdown = comparison_markdown(table, grid_keys=grid_keys)
+    table = comparison(rows, grid_keys=grid_keys, metric=spec.metric)
+    markdown = comparison_markdown(table, grid_keys=grid_keys, metric=spec.metric)
     (root / COMPARISON_MD).write_text(markdown)
     _write_csv(root / COMPARISON_CSV, table)
     _write_csv(root / RUNS_CSV, [{k: v for k, v in r.items() if k != "curve"} for r in rows])
@@ -151,7 +175,8 @@ def write_sweep_report(spec: SweepSpec, root: Path) -> Path:
     lines = [f"# medfed sweep `{spec.name}`", "", f"Preset: `{spec.path}` (base `{spec.base.name}`); "
              f"{len(rows)} finished runs; mean ± sample std over seeds.", "",
              "Global = the global model on the pooled test split; mean site = unweighted mean over the sites' "
-             "own test splits (final round).", "", markdown, "## Plots", ""]
+             "own test splits (final round).", "", markdown, ranking_line(table, metric=spec.metric), "",
+             "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     failed = failed_runs(spec, root)
     if failed:

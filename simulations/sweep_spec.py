@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from federation.config import ConfigError
+from federation.config import ConfigError, load_config
 from server.run_dir import ROUNDS_FILE, SUMMARY_FILE, read_jsonl
 from simulations.harness import PRESETS_DIR, preset_path
 
@@ -81,6 +81,16 @@ def _overrides(value: Any, where: str, problems: list[str]) -> list[str]:
     return list(value)
 
 
+def _headline_of(base: Path) -> str:
+    """The metric that ranks runs of the base preset's task (``auc``, segmentation ``dice``)."""
+    from federation.tasks import headline_metric  # noqa: PLC0415
+
+    try:
+        return headline_metric(load_config(base).data.task)
+    except (FileNotFoundError, ValueError):
+        return "auc"  # the base's own problem is reported where it is loaded
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep preset (every problem reported at once).
 
@@ -132,9 +142,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         problems.append(f"grid: expected dotted key -> non-empty list of values, got {grid!r}")
         grid = {}
-    metric = str(raw.get("metric", "auc"))
-    if metric not in ("auc", "accuracy"):
-        problems.append(f"metric: {metric!r}; allowed: 'auc', 'accuracy'")
+    metric = str(raw.get("metric", _headline_of(base)))
+    if metric not in ("auc", "accuracy", "dice"):
+        problems.append(f"metric: {metric!r}; allowed: 'auc', 'accuracy', 'dice' (segmentation)")
     if problems:
         raise ConfigError(problems, source=str(path))
     return SweepSpec(
@@ -219,7 +229,7 @@ def collect(spec: SweepSpec, root: Path) -> list[dict[str, Any]]:
         sites = final_site_metrics(path)
         row: dict[str, Any] = {"run": run.run_id, "scenario": run.scenario, "strategy": run.strategy,
                                "epsilon": run.epsilon, "seed": run.seed, **run.grid}
-        for metric in ("auc", "accuracy", "loss"):
+        for metric in ("dice", "loss") if spec.metric == "dice" else ("auc", "accuracy", "loss"):
             row[f"global_{metric}"] = _num(final.get(metric))
             values = [_num(m.get(metric)) for m in sites.values()]
             values = [v for v in values if not math.isnan(v)]
