@@ -16,8 +16,10 @@ and an environment variable could be inherited by, or copied into, a SuperNode.)
 
 What depends on it: a simulated site may take its paths and policy from the run
 config (one run config serves every virtual node) and obeys the ``attack.*`` and
-``faults.*`` scenarios; a real site takes its name, folders and policy from its
-own node config only and never attacks or fails on purpose.
+``faults.*`` scenarios (applied by :mod:`simulations.adversary_app`, the ClientApp only
+the simulation engine loads, and only at sites this rule calls simulated); a real site
+takes its name, folders and policy from its own node config only and never attacks or
+fails on purpose.
 
 This is the only place on the site's side that asks about Ray or Flower internals, through
 :mod:`federation.flower_internals` (the actor's class).
