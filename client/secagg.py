@@ -32,10 +32,11 @@ logger = logging.getLogger(__name__)
 SECAGG_KEY = "secagg"
 #: The one array of a masked training reply (the coordinator's wrapper reads it by this name).
 MASKED_ARRAY = "secagg-masked"
-#: What each stage's reply may hold.
-_REPLY_ENTRIES = {"advertise": {"pk1", "pk2"}, "share": {"dsts", "ctxts"}, "unmask": {"nids", "shares"}}
+#: What each stage's reply may hold (the unmask reply may also carry the next round's public keys).
+_REPLY_ENTRIES = {"advertise": ({"pk1", "pk2"},), "share": ({"dsts", "ctxts"},),
+                  "unmask": ({"nids", "shares"}, {"nids", "shares", "pk1", "pk2"})}
 _NODE_ID = re.compile(r"^[0-9]{1,20}$")
-_MAX_BLOB = 4096  # bytes: a compressed P-384 point, a Fernet ciphertext of two shares, a share
+_MAX_BLOB = 4096  # bytes: a compressed P-384 point, an X25519 key, a Fernet ciphertext of two shares, a share
 
 
 def _record(msg: Message) -> ConfigRecord:
@@ -62,24 +63,28 @@ def _save(context: Context, state: SiteSecAgg) -> None:
 def answer_stage(msg: Message, context: Context) -> tuple[str, RecordDict]:
     """Answer one ``query.secagg`` request; returns the stage and the reply content (checked).
 
-    A request that breaks the protocol is answered with a ``secagg-protocol`` refusal.
+    An unmask request that names the next round (``next``) is also answered with that
+    round's fresh public keys, so the next round needs no advertise step. A request
+    that breaks the protocol is answered with a ``secagg-protocol`` refusal.
     """
     record = _record(msg)
     stage, server_round = str(record.get("stage", "")), int(record.get("round", 0))
     try:
         if stage == "advertise":
-            params = SecAggParams.from_config(dict(record.items()))
-            state, pk1, pk2 = SiteSecAgg.start(node_id=int(context.node_id), server_round=server_round, params=params)
+            state, pk1, pk2 = SiteSecAgg.start(node_id=int(context.node_id), server_round=server_round)
             reply = {"pk1": pk1, "pk2": pk2}
         elif stage == "share":
             state = _load(context, server_round)
             neighbours = {int(n): (bytes(a), bytes(b)) for n, a, b in zip(record["nids"], record["pk1s"], record["pk2s"])}
-            out = state.share_keys(neighbours)
+            out = state.share_keys(neighbours, params=SecAggParams.from_config(dict(record.items())))
             reply = {"dsts": [str(n) for n in out], "ctxts": list(out.values())}
         elif stage == "unmask":
             state = _load(context, server_round)
             shares = state.unmask(active=[int(n) for n in record["active"]], dropped=[int(n) for n in record["dropped"]])
             reply = {"nids": [str(n) for n in shares], "shares": list(shares.values())}
+            if int(record.get("next", 0)) == server_round + 1:  # this round is done: its secrets can go
+                state, pk1, pk2 = SiteSecAgg.start(node_id=int(context.node_id), server_round=server_round + 1)
+                reply.update(pk1=pk1, pk2=pk2)
         else:
             raise SecAggProtocolError(f"unknown stage {stage[:20]!r}")
     except (SecAggProtocolError, KeyError, ValueError) as error:
@@ -101,8 +106,9 @@ def check_stage_reply(content: RecordDict, *, stage: str) -> RecordDict:
     if allowed is None or set(content.keys()) != {SECAGG_KEY}:
         raise OutboundViolation(f"secure-aggregation reply to {stage!r} carries {sorted(content.keys())}")
     record = content[SECAGG_KEY]
-    if not isinstance(record, ConfigRecord) or set(record.keys()) != allowed:
-        raise OutboundViolation(f"secure-aggregation reply to {stage!r} must hold exactly {sorted(allowed)}")
+    if not isinstance(record, ConfigRecord) or set(record.keys()) not in allowed:
+        raise OutboundViolation(f"secure-aggregation reply to {stage!r} must hold exactly one of "
+                                f"{[sorted(entries) for entries in allowed]}")
     for name, value in record.items():
         values = value if isinstance(value, list) else [value]
         for item in values:

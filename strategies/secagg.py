@@ -7,13 +7,16 @@ the sampled sites, through the same Grid and inside the same round of Flower's
 unchanged ``Strategy.start()`` loop:
 
 * ``configure_train``: stage 1 (``query.secagg``, *advertise*: sites send two public
-  keys) and stage 2 (*share*: each site sends its secret shares encrypted for its
-  neighbours), then the inner strategy's train messages, each carrying the
+  keys; only for sampled sites whose keys for this round did not come with the
+  previous round's unmask reply, so from round 2 on usually none) and stage 2
+  (*share*: with the round's parameters, each site sends its secret shares encrypted
+  for its neighbours), then the inner strategy's train messages, each carrying the
   ciphertexts addressed to its site;
 * the sites train and reply with a masked, quantized, weighted update;
 * ``aggregate_train``: stage 4 (*unmask*: surviving sites send the shares that remove
-  the masks), then the sum is dequantized into the mean update and handed to the
-  inner strategy as the single reply it aggregates.
+  the masks, and their fresh public keys for the next round), then the sum is
+  dequantized into the mean update and handed to the inner strategy as the single
+  reply it aggregates.
 
 Sites that drop out at any stage are tolerated down to the reconstruction threshold;
 below it the round is not aggregated (the global model stays) and the run goes on.
@@ -107,6 +110,8 @@ class SecureAggregation(StrategyWrapper):
         self._grid: Grid | None = None
         self._round: _Round | None = None
         self._round_config = ConfigRecord({})
+        self._next_keys: dict[int, tuple[bytes, bytes]] = {}  # public keys sent ahead for round _next_round
+        self._next_round = 0
         self.last_outcome: str = ""
         self.last_weight: int | None = None  # the round's total weight: all the coordinator learns of the counts
         self.round_params = params
@@ -129,12 +134,7 @@ class SecureAggregation(StrategyWrapper):
         params = SecAggParams(**{**self.params.to_config(),
                                  "threshold": threshold_for(holders=holders, fraction=self.threshold_fraction)})
         self.round_params = params
-        keys = _answers(grid.send_and_receive(
-            [_request(n, {"stage": "advertise", "round": server_round, **params.to_config()}, self._round_config)
-             for n in nodes],
-            timeout=self.timeout,
-        ))
-        state.public_keys = {n: (bytes(r["pk1"]), bytes(r["pk2"])) for n, r in keys.items()}
+        state.public_keys = self._public_keys(server_round, nodes, grid)
         if not self._enough(len(state.public_keys), params, "advertised keys"):
             return []
         graph = share_graph(sorted(state.public_keys), holders=holders, rng=random.Random(secrets.randbits(64)))
@@ -160,9 +160,23 @@ class SecureAggregation(StrategyWrapper):
             out.append(Message(content, dst_node_id=node, message_type=message.metadata.message_type))
         return out
 
+    def _public_keys(self, server_round: int, nodes: Sequence[int], grid: Grid) -> dict[int, tuple[bytes, bytes]]:
+        """The sampled sites' public keys: sent ahead with the last unmask reply, or asked for now (stage 1)."""
+        ahead = self._next_keys if self._next_round == server_round else {}
+        self._next_keys = {}
+        known = {n: ahead[n] for n in nodes if n in ahead}
+        missing = [n for n in nodes if n not in known]
+        if missing:
+            asked = _answers(grid.send_and_receive(
+                [_request(n, {"stage": "advertise", "round": server_round}, self._round_config) for n in missing],
+                timeout=self.timeout,
+            ))
+            known.update({n: (bytes(r["pk1"]), bytes(r["pk2"])) for n, r in asked.items()})
+        return known
+
     def _share_request(self, node: int, neighbours: Sequence[int], state: _Round) -> Message:
         return _request(node, {
-            "stage": "share", "round": state.server_round, "nids": _ids(neighbours),
+            "stage": "share", "round": state.server_round, **self.round_params.to_config(), "nids": _ids(neighbours),
             "pk1s": [state.public_keys[n][0] for n in neighbours], "pk2s": [state.public_keys[n][1] for n in neighbours],
         }, self._round_config)
 
@@ -190,12 +204,15 @@ class SecureAggregation(StrategyWrapper):
         requests = []
         for node in masked:
             hood = set(state.partners[node]) | {node}
-            requests.append(_request(node, {"stage": "unmask", "round": server_round,
+            requests.append(_request(node, {"stage": "unmask", "round": server_round, "next": server_round + 1,
                                             "active": _ids(sorted(hood & set(masked))),
                                             "dropped": _ids(sorted(hood & dropped))}, self._round_config))
         seed_shares: dict[int, list[bytes]] = {}
         key_shares: dict[int, list[bytes]] = {}
-        for record in _answers(grid.send_and_receive(requests, timeout=self.timeout)).values():
+        answers = _answers(grid.send_and_receive(requests, timeout=self.timeout))
+        self._next_round = server_round + 1
+        self._next_keys = {n: (bytes(r["pk1"]), bytes(r["pk2"])) for n, r in answers.items() if "pk1" in r and "pk2" in r}
+        for record in answers.values():
             for node, share in zip(record["nids"], record["shares"]):
                 (seed_shares if int(node) in masked else key_shares).setdefault(int(node), []).append(bytes(share))
         try:

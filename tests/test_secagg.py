@@ -39,6 +39,7 @@ class FakeGrid:
                          for node in sites}
         self.drop: dict[str, set[int]] = {}
         self.seen: list[Message] = []  # every reply the coordinator received
+        self.requests: list[tuple[str, int]] = []  # (stage, node) of every message the coordinator sent
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
@@ -48,6 +49,7 @@ class FakeGrid:
         for message in messages:
             node = message.metadata.dst_node_id
             stage = _stage(message)
+            self.requests.append((stage, node))
             if node in self.drop.get(stage, set()):
                 continue
             incoming = Message(content=message.content, metadata=Metadata(
@@ -72,7 +74,7 @@ def _protocol_site(update: dict[str, np.ndarray], examples: int) -> Callable[[Me
     def site(msg: Message, context: Context) -> Message:
         if msg.metadata.message_type == "query.secagg":
             return Message(answer_stage(msg, context)[1], reply_to=msg)
-        state = secure_round(msg, context, server_round=1)
+        state = secure_round(msg, context, server_round=int(msg.content["config"].get("server-round", 1)))
         global_weights = msg.content["arrays"].to_torch_state_dict()
         weights = {k: v + torch.from_numpy(update[k]) for k, v in global_weights.items()}
         arrays = masked_update(state, context, weights=weights, global_weights=global_weights, num_examples=examples)
@@ -114,6 +116,29 @@ def test_secure_sum_equals_plain_fedavg_with_dropouts(flower_task_identity, stag
         assert error <= STEP, f"{name}: {error} above one quantization step {STEP}"
 
 
+def test_the_next_rounds_keys_ride_on_the_unmask_reply(flower_task_identity):
+    """Round 2 needs no advertise step, except for a site whose unmask reply (and so its next keys) was lost."""
+    updates, examples, global_arrays = _federation(seed=3)
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    grid.drop["unmask"] = {NODES[2]}  # round 1: one site's unmask reply never arrives (4 of 5 still unmask)
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
+    current = dict(global_arrays)
+    for server_round in (1, 2):
+        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in current.items()})
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+        secured, _ = strategy.aggregate_train(server_round, replies)
+        grid.drop = {}
+        total = sum(examples.values())
+        for name in SHAPES:  # every site trains to its update from the current model, in both rounds
+            plain = current[name] + sum(updates[n][name] * examples[n] for n in NODES) / total
+            assert np.abs(secured[name].numpy() - plain).max() <= STEP
+        current = {k: secured[k].numpy() for k in SHAPES}
+    advertised = [node for stage, node in grid.requests if stage == "advertise"]
+    assert sorted(advertised[:5]) == sorted(NODES)  # all of round 1 (sampled in random order)
+    assert advertised[5:] == [NODES[2]]  # in round 2 only the site whose keys were lost
+    assert sum(stage == "share" for stage, _ in grid.requests) == 2 * len(NODES)
+
+
 def test_below_the_threshold_the_round_is_not_aggregated_and_no_site_unmasks(flower_task_identity):
     updates, examples, global_arrays = _federation()
     grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
@@ -139,9 +164,12 @@ def test_what_the_coordinator_receives_is_masked(flower_task_identity):
         assert vector[-1] != examples[node]  # the example count travels masked too
 
 
-def _advertised(node: int, threshold: int = 3) -> tuple[SiteSecAgg, bytes, bytes]:
-    params = SecAggParams(**{**PARAMS.to_config(), "threshold": threshold})
-    return SiteSecAgg.start(node_id=node, server_round=1, params=params)
+def _advertised(node: int) -> tuple[SiteSecAgg, bytes, bytes]:
+    return SiteSecAgg.start(node_id=node, server_round=1)
+
+
+def _params(threshold: int) -> SecAggParams:
+    return SecAggParams(**{**PARAMS.to_config(), "threshold": threshold})
 
 
 def test_a_site_refuses_requests_that_would_unmask_it():
@@ -149,7 +177,7 @@ def test_a_site_refuses_requests_that_would_unmask_it():
     keys = {n: (a, b) for n, (_, a, b) in sites.items()}
     boxes: dict[int, dict[int, bytes]] = {}
     for node, (state, _, _) in sites.items():
-        for dst, ctxt in state.share_keys({m: keys[m] for m in keys if m != node}).items():
+        for dst, ctxt in state.share_keys({m: keys[m] for m in keys if m != node}, params=_params(3)).items():
             boxes.setdefault(dst, {})[node] = ctxt
     site = sites[1][0]
     site.receive(boxes[1])
@@ -161,18 +189,21 @@ def test_a_site_refuses_requests_that_would_unmask_it():
     assert set(site.unmask(active=[1, 2, 3], dropped=[4])) == {1, 2, 3, 4}
     with pytest.raises(SecAggProtocolError, match="out of order"):  # one answer per round
         site.unmask(active=[1, 2, 3, 4], dropped=[])
-    isolated, _, _ = _advertised(8, threshold=2)  # a hostile coordinator pairs a site with one other only
+    isolated, _, _ = _advertised(8)  # a hostile coordinator pairs a site with one other only
     with pytest.raises(SecAggProtocolError, match="at least 3"):
-        isolated.share_keys({1: keys[1]})
-    lax, _, _ = _advertised(9, threshold=2)
+        isolated.share_keys({1: keys[1]}, params=_params(2))
+    lax, _, _ = _advertised(9)
     with pytest.raises(SecAggProtocolError, match="more than half"):
-        lax.share_keys({m: keys[m] for m in (1, 2, 3)})
+        lax.share_keys({m: keys[m] for m in (1, 2, 3)}, params=_params(2))
 
 
 def test_site_state_survives_a_fresh_process():
     state, _, _ = _advertised(10**19 + 3)
+    assert SiteSecAgg.from_state_dict(ConfigRecord(state.state_dict())) == state  # before the parameters arrive
+    peers = {n: SiteSecAgg.start(node_id=n, server_round=1)[1:] for n in (1, 2)}
+    state.share_keys(peers, params=_params(2))
     again = SiteSecAgg.from_state_dict(ConfigRecord(state.state_dict()))
-    assert again == state
+    assert again == state and set(again.channel_keys) == {1, 2} and again.params == _params(2)
 
 
 def test_secagg_config_problems_name_the_unsafe_combinations():

@@ -1,14 +1,19 @@
-"""Key agreement for secure aggregation: ECDH on P-384, HKDF-SHA256 for the derived keys.
+"""Key agreement for secure aggregation: ECDH, HKDF-SHA256 for the derived keys.
 
-Each site holds two key pairs per round: one to encrypt the secret shares it sends
-to its neighbours (through the coordinator), one whose pairwise agreements seed
-the masks that cancel in the sum.
+Each site holds two key pairs per round:
+
+* the **channel** pair (ECDH on P-384, Flower's ``generate_shared_key``) encrypts the
+  secret shares a site sends its neighbours through the coordinator;
+* the **mask** pair (X25519, RFC 7748) seeds the pairwise masks that cancel in the
+  sum. Its private key is Shamir-shared, so it travels as its raw 32 bytes: three
+  16-byte blocks to share where a DER-encoded P-384 key needs twelve, and an
+  agreement costs a tenth of P-384's (measured in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from federation.flower_internals import generate_shared_key
@@ -51,7 +56,18 @@ def channel_key(private: ec.EllipticCurvePrivateKey, peer_public: bytes) -> byte
     return generate_shared_key(private, load_public_key(peer_public))
 
 
-def mask_seed(private: ec.EllipticCurvePrivateKey, peer_public: bytes) -> bytes:
-    """The 32-byte seed of the pairwise mask two sites share."""
-    shared = private.exchange(ec.ECDH(), load_public_key(peer_public))
+def new_mask_key() -> bytes:
+    """A fresh X25519 masking key pair's private half, as its raw 32 bytes (what is kept and shared)."""
+    return x25519.X25519PrivateKey.generate().private_bytes_raw()
+
+
+def mask_public_key(private: bytes) -> bytes:
+    """The raw 32-byte public half of a masking key (what travels)."""
+    return x25519.X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def mask_seed(private: bytes, peer_public: bytes) -> bytes:
+    """The 32-byte seed of the pairwise mask two sites share (raises ValueError for a malformed peer key)."""
+    shared = x25519.X25519PrivateKey.from_private_bytes(private).exchange(
+        x25519.X25519PublicKey.from_public_bytes(peer_public))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MASK_INFO).derive(shared)

@@ -3,10 +3,12 @@
 Four requests reach a site, in order, all in the same training round:
 
 1. **advertise**: make two fresh key pairs and a self-mask seed; send the public keys.
-2. **share**: given its neighbours' public keys, split the self-mask seed and the
-   masking private key into Shamir shares (``threshold`` of ``holders``), encrypt each
-   neighbour's pair of shares for it, and send the ciphertexts (the coordinator routes
-   them; it cannot read them).
+   After round 1 this step rides on the previous round's unmask reply (the keys of
+   round r + 1 are made when round r is unmasked), which saves a message round trip.
+2. **share** (with the round's parameters): given its neighbours' public keys, split
+   the self-mask seed and the masking private key into Shamir shares (``threshold``
+   of ``holders``), encrypt each neighbour's pair of shares for it, and send the
+   ciphertexts (the coordinator routes them; it cannot read them).
 3. **train** (with the ciphertexts addressed to this site): train, then send the update
    quantized, weighted and masked (:meth:`SiteSecAgg.masked_vector`).
 4. **unmask**: given which sites sent a masked update and which dropped out, send the
@@ -61,39 +63,38 @@ class SiteSecAgg:
 
     node_id: int
     server_round: int
-    params: SecAggParams
-    channel_private: bytes
-    mask_private: bytes
-    self_seed: bytes
+    channel_private: bytes  # DER P-384 (never shared)
+    mask_private: bytes  # raw X25519 (Shamir-shared)
+    self_seed: bytes  # 16 bytes: AES-128 key of the self mask (Shamir-shared)
+    params: SecAggParams | None = None  # set by the share request
     stage: str = "advertised"
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (channel pk, mask pk)
+    channel_keys: dict[int, bytes] = field(default_factory=dict)  # node -> symmetric key of the shares' channel
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's share of its own (seed, mask key)
     received: dict[int, bytes] = field(default_factory=dict)  # source node -> ciphertext addressed here
 
     @classmethod
-    def start(cls, *, node_id: int, server_round: int, params: SecAggParams) -> tuple[SiteSecAgg, bytes, bytes]:
+    def start(cls, *, node_id: int, server_round: int) -> tuple[SiteSecAgg, bytes, bytes]:
         """Stage 1: fresh key pairs and self-mask seed; returns the state and the two public keys."""
-        channel, mask = keys.new_private_key(), keys.new_private_key()
-        state = cls(
-            node_id=node_id, server_round=server_round, params=params,
-            channel_private=keys.private_key_bytes(channel), mask_private=keys.private_key_bytes(mask),
-            self_seed=os.urandom(32),
-        )
-        return state, keys.public_key_bytes(channel), keys.public_key_bytes(mask)
+        channel, mask = keys.new_private_key(), keys.new_mask_key()
+        state = cls(node_id=node_id, server_round=server_round, channel_private=keys.private_key_bytes(channel),
+                    mask_private=mask, self_seed=os.urandom(16))
+        return state, keys.public_key_bytes(channel), keys.mask_public_key(mask)
 
-    def share_keys(self, neighbours: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+    def share_keys(self, neighbours: Mapping[int, tuple[bytes, bytes]], *, params: SecAggParams) -> dict[int, bytes]:
         """Stage 2: encrypted shares of the self-mask seed and the masking key, one ciphertext per neighbour."""
         self._expect("advertised")
         if self.node_id in neighbours:
             raise SecAggProtocolError("the neighbour list names this site itself")
         holders = [self.node_id, *sorted(neighbours)]
-        problems = self.params.check(num_sites=len(holders), holders=len(holders))
+        self.params = params
+        problems = params.check(num_sites=len(holders), holders=len(holders))
         if len(holders) < MIN_HOLDERS:
             problems.append(f"{len(holders)} share holders: at least {MIN_HOLDERS} are needed for a sum to hide a site")
         if problems:
             raise SecAggProtocolError("; ".join(problems))
-        seed_shares = create_shares(self.self_seed, self.params.threshold, len(holders))
-        key_shares = create_shares(self.mask_private, self.params.threshold, len(holders))
+        seed_shares = create_shares(self.self_seed, params.threshold, len(holders))
+        key_shares = create_shares(self.mask_private, params.threshold, len(holders))
         channel = keys.load_private_key(self.channel_private)
         out: dict[int, bytes] = {}
         for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
@@ -101,8 +102,9 @@ class SiteSecAgg:
                 self.own_shares = (seed_share, key_share)
                 continue
             channel_pk, _ = neighbours[holder]
+            self.channel_keys[holder] = keys.channel_key(channel, channel_pk)  # kept for unmasking
             plaintext = share_keys_plaintext_concat(self.node_id, holder, seed_share, key_share)
-            out[holder] = encrypt(keys.channel_key(channel, channel_pk), plaintext)
+            out[holder] = encrypt(self.channel_keys[holder], plaintext)
         self.neighbours = {int(node): (bytes(a), bytes(b)) for node, (a, b) in neighbours.items()}
         self.stage = "shared"
         return out
@@ -113,9 +115,9 @@ class SiteSecAgg:
         strangers = set(ciphertexts) - set(self.neighbours)
         if strangers:
             raise SecAggProtocolError(f"{len(strangers)} ciphertext(s) from sites that are not neighbours")
-        if len(ciphertexts) + 1 < self.params.threshold:
+        if len(ciphertexts) + 1 < self.threshold:
             raise SecAggProtocolError(
-                f"only {len(ciphertexts) + 1} share holders left, below the threshold {self.params.threshold}"
+                f"only {len(ciphertexts) + 1} share holders left, below the threshold {self.threshold}"
             )
         self.received = {int(node): bytes(ctxt) for node, ctxt in ciphertexts.items()}
         self.stage = "received"
@@ -125,9 +127,8 @@ class SiteSecAgg:
         self._expect("received")
         masked = vector.astype(np.uint64, copy=True)
         masked += prg_mask(self.self_seed, masked.size)
-        private = keys.load_private_key(self.mask_private)
         for peer in self.received:
-            mask = prg_mask(keys.mask_seed(private, self.neighbours[peer][1]), masked.size)
+            mask = prg_mask(keys.mask_seed(self.mask_private, self.neighbours[peer][1]), masked.size)
             if mask_sign(self.node_id, peer) > 0:
                 masked += mask
             else:
@@ -146,20 +147,26 @@ class SiteSecAgg:
         known = set(self.received) | {self.node_id}
         if not (active_set | dropped_set) <= known:
             raise SecAggProtocolError("unmask names sites that did not share keys with this site")
-        if len(active_set) < self.params.threshold:
-            raise SecAggProtocolError(f"{len(active_set)} active sites, below the threshold {self.params.threshold}")
+        if len(active_set) < self.threshold:
+            raise SecAggProtocolError(f"{len(active_set)} active sites, below the threshold {self.threshold}")
         self.stage = "unmasked"  # one answer per round, whatever follows
         shares: dict[int, bytes] = {self.node_id: self.own_shares[0]}
-        channel = keys.load_private_key(self.channel_private)
         for source, ciphertext in self.received.items():
             if source not in active_set and source not in dropped_set:
                 continue
-            plaintext = decrypt(keys.channel_key(channel, self.neighbours[source][0]), ciphertext)
+            plaintext = decrypt(self.channel_keys[source], ciphertext)
             src, dst, seed_share, key_share = share_keys_plaintext_separate(plaintext)
             if (src, dst) != (source, self.node_id):
                 raise SecAggProtocolError("a ciphertext's sender or addressee does not match its route")
             shares[source] = seed_share if source in active_set else key_share
         return shares
+
+    @property
+    def threshold(self) -> int:
+        """The round's reconstruction threshold (known from the share request on)."""
+        if self.params is None:
+            raise SecAggProtocolError("the round's parameters have not arrived (no share request yet)")
+        return self.params.threshold
 
     def _expect(self, stage: str) -> None:
         if self.stage != stage:
@@ -169,21 +176,25 @@ class SiteSecAgg:
         """The state as scalars, bytes and lists (fits a Flower ConfigRecord)."""
         nodes = sorted(self.neighbours)
         received = sorted(self.received)
+        params = {} if self.params is None else self.params.to_config()
         return {
             "node_id": str(self.node_id), "server_round": self.server_round, "stage": self.stage,
-            **{f"param_{k}": v for k, v in self.params.to_config().items()},
+            **{f"param_{k}": v for k, v in params.items()},
             "channel_private": self.channel_private, "mask_private": self.mask_private,
             "self_seed": self.self_seed, "own_seed_share": self.own_shares[0], "own_key_share": self.own_shares[1],
             "neighbour_ids": [str(n) for n in nodes],
             "neighbour_channel_pks": [self.neighbours[n][0] for n in nodes],
             "neighbour_mask_pks": [self.neighbours[n][1] for n in nodes],
+            "channel_key_ids": [str(n) for n in sorted(self.channel_keys)],
+            "channel_keys": [self.channel_keys[n] for n in sorted(self.channel_keys)],
             "received_ids": [str(n) for n in received], "received_ciphertexts": [self.received[n] for n in received],
         }
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> SiteSecAgg:
         """Rebuild the state saved by :meth:`state_dict` (node ids travel as strings: they exceed int64)."""
-        params = SecAggParams.from_config({k[len("param_"):]: v for k, v in state.items() if k.startswith("param_")})
+        saved = {k[len("param_"):]: v for k, v in state.items() if k.startswith("param_")}
+        params = SecAggParams.from_config(saved) if saved else None
         ids = [int(n) for n in state.get("neighbour_ids", [])]
         return cls(
             node_id=int(state["node_id"]), server_round=int(state["server_round"]), params=params,
@@ -191,5 +202,7 @@ class SiteSecAgg:
             self_seed=bytes(state["self_seed"]), stage=str(state["stage"]),
             neighbours=dict(zip(ids, zip(state.get("neighbour_channel_pks", []), state.get("neighbour_mask_pks", [])))),
             own_shares=(bytes(state.get("own_seed_share", b"")), bytes(state.get("own_key_share", b""))),
+            channel_keys=dict(zip([int(n) for n in state.get("channel_key_ids", [])],
+                                  [bytes(k) for k in state.get("channel_keys", [])])),
             received=dict(zip([int(n) for n in state.get("received_ids", [])], state.get("received_ciphertexts", []))),
         )

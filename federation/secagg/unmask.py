@@ -55,7 +55,7 @@ def reconstruct_sum(
     for node in masked:
         total -= prg_mask(_combine(seed_shares.get(node, ()), threshold=threshold, what=f"site {node}"), total.size)
     for dropped, shares in key_shares.items():
-        private = keys.load_private_key(_combine(shares, threshold=threshold, what=f"dropped site {dropped}"))
+        private = _combine(shares, threshold=threshold, what=f"dropped site {dropped}")  # raw X25519 key
         for node in masked:
             if dropped not in partners.get(node, ()):
                 continue

@@ -4,7 +4,8 @@ A site sends ``w * q + self_mask + Σ ± pairwise_mask`` (mod 2**64) where ``q``
 model update (new weights minus the global ones) clipped to ``±clipping_range`` and
 stochastically rounded to integers in ``[0, 2**bits]``, and ``w`` its weight; one
 extra element carries ``w`` itself so that the coordinator learns the total weight.
-Masks are AES-256-CTR key streams (a cryptographic PRG) keyed by 32-byte seeds:
+Masks are AES-CTR key streams (a cryptographic PRG) keyed by 16-byte (self mask) or
+32-byte (pairwise, from HKDF) seeds:
 Flower's own ``pseudo_rand_gen`` folds a seed into 32 bits for NumPy's Mersenne
 Twister, which a coordinator could search exhaustively.
 """
@@ -62,9 +63,9 @@ class VectorLayout:
 
 
 def prg_mask(seed: bytes, size: int) -> np.ndarray:
-    """``size`` uint64 values from AES-256-CTR keyed by a 32-byte ``seed``."""
-    if len(seed) != 32:
-        raise ValueError(f"mask seeds are 32 bytes, got {len(seed)}")
+    """``size`` uint64 values from AES-CTR keyed by ``seed`` (16 bytes: AES-128, 32 bytes: AES-256)."""
+    if len(seed) not in (16, 32):
+        raise ValueError(f"mask seeds are 16 or 32 bytes, got {len(seed)}")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64).copy()
 
