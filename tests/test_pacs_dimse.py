@@ -139,3 +139,42 @@ def test_predict_stores_research_reports_by_c_store(tmp_path: Path, orthanc: Ort
             assert items["Model SHA-256"].TextValue == exported.meta["sha256"]["model.pt2"]
             assert sr.SeriesDescription == "medfed research output - NOT FOR CLINICAL USE"
     assert len(found) == before + 3 and sorted(mine) == sorted(pacs["ct"])
+
+
+def test_simulated_sites_train_from_their_pacs_cohorts(tmp_path: Path, orthanc: OrthancServer,
+                                                       pacs: dict) -> None:  # noqa: F811
+    """`medfed simulate` with simulation.site_pacs: site 1 over DICOMweb, site 2 over DIMSE, one round."""
+    from server.run_dir import read_jsonl
+    from simulations.harness import resolve_config, simulate
+    from tests.test_pacs import _demo_yaml
+
+    web = _demo_yaml(tmp_path / "north", orthanc, pacs)
+    dimse = tmp_path / "south" / "site-pacs.yaml"
+    dimse.parent.mkdir()
+    (tmp_path / "south" / "labels.csv").write_text((web.parent / "labels.csv").read_text(), encoding="utf-8")
+    dimse.write_text(json.dumps({"dimse": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae": PACS_AET,
+                                           "calling_ae": SITE_AET},
+                                 "labels": "labels.csv", "key_column": "accession_number",
+                                 "cohort": {"modality": "CR,DX", "body_part": "chest"}}), encoding="utf-8")
+    config = resolve_config(overrides=[
+        "data.dataset=dicom", "data.dicom_label_names=normal,pneumonia", "data.dicom_channels=1",
+        "data.image_size=16", "model.width=4", "train.batch_size=8", "data.dicom_test_fraction=0.5",
+        f"simulation.site_pacs={web},{dimse}", "data.num_sites=2", "strategy.min_sites=2", "server.rounds=1",
+        "privacy.noise_multiplier=1.0", "privacy.target_epsilon=1000", f"server.out_dir={tmp_path / 'runs'}",
+        "server.run_name=pacs-sim"])
+    run = simulate(config)
+    rounds = read_jsonl(run / "rounds.jsonl")
+    assert rounds[1]["aggregated"] and sorted(rounds[1]["sites"]) == ["site-1", "site-2"]
+    for site in ("site-1", "site-2"):  # each site took its whole cohort of 24: 12 to train, 12 to test
+        assert rounds[1]["sites"][site]["train"]["num-examples"] == rounds[1]["sites"][site]["evaluate"][
+            "num-examples"] == 12
+        cache = run / "site-state" / site / "pacs-cache"
+        assert len(json.loads((cache / "manifest.json").read_text())) == 24
+
+
+def test_simulation_site_pacs_names_one_yaml_per_site() -> None:
+    from federation.data.dicom.pacs import simulated_site_pacs
+
+    assert simulated_site_pacs("/a.yaml, /b.yaml", site_index=1, num_sites=2) == "/b.yaml"
+    with pytest.raises(ValueError, match=r"simulation.site_pacs names 1 PACS YAML\(s\) for 2 simulated sites"):
+        simulated_site_pacs("/a.yaml", site_index=0, num_sites=2)

@@ -447,7 +447,20 @@ def ensure_site_cohort(config_path: str | os.PathLike[str], *, cache_dir: str | 
     Raises:
         PacsError: The PACS is unreachable, refuses the credentials or answers with an error.
     """
-    key = (str(Path(config_path).expanduser().resolve()), run)
+    key = (str(Path(config_path).expanduser().resolve()), str(cache_dir), run)
     if key not in _RETRIEVED:
         _RETRIEVED[key] = sync_cohort(load_pacs_config(config_path), cache_dir=cache_dir)
     return _RETRIEVED[key]
+
+
+def simulated_site_pacs(site_pacs: str, *, site_index: int, num_sites: int) -> str:
+    """The PACS YAML of simulated site ``site_index`` from ``simulation.site_pacs`` (one per site, in order).
+
+    Raises:
+        ValueError: The list does not name one YAML per site.
+    """
+    entries = [entry.strip() for entry in site_pacs.split(",")]
+    if len(entries) != num_sites or not all(entries):
+        raise ValueError(f"simulation.site_pacs names {len([e for e in entries if e])} PACS YAML(s) for {num_sites} "
+                         f"simulated sites: give one per site, comma separated, in site order ({site_pacs!r})")
+    return entries[site_index]
