@@ -66,7 +66,7 @@ class SiteSettings:
     state_dir: Path
     run_name: str = "run"
     simulated: bool = False  # inside a simulation engine (client.simulated): faults/attacks may apply
-    pacs: str = ""  # a real site's PACS YAML (node config 'pacs'); data_dir is then its cohort cache
+    pacs: str = ""  # the site's PACS YAML (node config 'pacs'; simulated: simulation.site_pacs); data_dir: its cache
 
     @property
     def run_state_dir(self) -> Path:
@@ -136,6 +136,11 @@ def site_settings(
             base = Path(config.simulation.site_state_dir).expanduser()
         else:  # a simulated site keeps its "disk" inside the run directory
             base = Path(config.server.out_dir).expanduser() / run_name / "site-state"
+        if config.simulation.site_pacs:  # a simulated site with a PACS cohort of its own, cached on its "disk"
+            from federation.data.dicom.pacs import cohort_cache_dir, simulated_site_pacs  # noqa: PLC0415
+
+            pacs = simulated_site_pacs(config.simulation.site_pacs, site_index=site_index, num_sites=num_sites)
+            data_dir = str(cohort_cache_dir(pacs, state_dir=base / name))
     return SiteSettings(
         name=name, site_index=site_index, num_sites=num_sites, data_dir=data_dir, state_dir=base / name,
         run_name=run_name, simulated=simulated, pacs=pacs,
@@ -189,9 +194,10 @@ def load_data(config: ExperimentConfig, settings: SiteSettings) -> SiteData:
     data_config = site_data_config(config, settings)
     if is_site_only(data_config.dataset):  # the model's shape came from the run config, not from data
         check_site_data(data_config, load_dataset(data_config, seed=config.seed))
+    whole = bool(settings.pacs)  # a PACS cohort is the site's own: all of it, never a slice of a shared folder
     return site_data(
-        data_config, seed=config.seed, site_index=settings.site_index, num_sites=settings.num_sites,
-        budget_mb=config.simulation.data_cache_mb,
+        data_config, seed=config.seed, site_index=0 if whole else settings.site_index,
+        num_sites=1 if whole else settings.num_sites, budget_mb=config.simulation.data_cache_mb,
     )
 
 

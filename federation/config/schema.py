@@ -347,6 +347,10 @@ class SimulationConfig(_Section):
     site_state_dir: str = Field(
         "", description="Simulated sites' disks (ledger, audit log) ('' = <run dir>/site-state); real sites: 'state-dir'."
     )
+    site_pacs: str = Field(
+        "", description="PACS YAMLs of the simulated sites, comma separated, one per site in order: site k trains on "
+        "the whole cohort of the k-th ('' = data.data_dir); real sites: node config 'pacs'."
+    )
     data_cache_mb: int = Field(
         2048, ge=0, description="Site data kept per worker process between rounds, in MB (0 = reload every round)."
     )
