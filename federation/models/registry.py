@@ -18,7 +18,7 @@ from torch import nn
 
 from federation.config.loading import ConfigError
 from federation.config.schema import ModelConfig
-from federation.models import cnn, densenet, logreg, resnet, unet
+from federation.models import basic_unet, cnn, densenet, logreg, resnet, segresnet, unet
 from federation.models.convert import convert_batchnorm
 from federation.registries import check_new_name, unknown_name
 
@@ -287,3 +287,7 @@ register_model("resnet18", resnet.build_resnet18, min_input_size=resnet.MIN_INPU
 register_model("resnet10", resnet.build_resnet10, min_input_size=resnet.MIN_INPUT_SIZE)
 register_model("logreg", logreg.build_logreg, spatial_dims=TABULAR)
 register_model("unet", unet.build_unet, min_input_size=unet.MIN_INPUT_SIZE, tasks=("segmentation",))
+register_model("basic_unet", basic_unet.build_basic_unet, min_input_size=basic_unet.MIN_INPUT_SIZE,
+               tasks=("segmentation",))
+register_model("segresnet", segresnet.build_segresnet, min_input_size=segresnet.MIN_INPUT_SIZE,
+               tasks=("segmentation",))

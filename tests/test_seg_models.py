@@ -1,0 +1,62 @@
+"""MONAI's BasicUNet and SegResNet as registered segmentation models: DP-valid, fully covered by fast clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from federation.config import ConfigError
+from federation.config.schema import ModelConfig
+from federation.models import available_models, build_model, min_input_size
+from federation.tasks import get_task
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize(("name", "spatial_dims", "side"),
+                         [("basic_unet", 2, 16), ("basic_unet", 3, 16), ("segresnet", 2, 8), ("segresnet", 3, 8)])
+def test_ghost_clipping_equals_opacus_per_sample_gradients(name: str, spatial_dims: int, side: int) -> None:
+    """No transposed convolution (upsampling is conv + interpolation): every layer covered, norms equal Opacus' hooks."""
+    from opacus.grad_sample import GradSampleModule
+
+    from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode, uncovered_layers
+
+    task = get_task("segmentation")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, width=2, norm="group"), in_channels=1, num_classes=3,
+                        spatial_dims=spatial_dims, dp=True, task="segmentation").to(F64)
+    assert not any(isinstance(m, torch.nn.modules.conv._ConvTransposeNd) for m in model.modules())
+    assert uncovered_layers(model) == [] and select_grad_sample_mode(model, device="cpu") == "ghost"
+    shape = (3, 1, *((side,) * spatial_dims))
+    x, y = torch.randn(shape, dtype=F64), torch.randint(0, 3, (3, *shape[2:]))
+    gsm = GradSampleModule(model)
+    task.loss(gsm(x), y).backward()
+    samples = [p.grad_sample.detach().clone() for p in model.parameters()]
+    gsm.to_standard_module()
+    model.zero_grad(set_to_none=True)
+    norms = torch.stack([s.flatten(1).norm(dim=1) for s in samples]).norm(dim=0)
+    bound = float(norms.median())
+    coef = (bound / (norms + 1e-6)).clamp(max=1.0)
+    ghost = GhostClippingModule(model, max_grad_norm=bound)
+    ghost.clipped_backward(task.per_sample_loss(ghost(x), y))
+    torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=1e-9, atol=1e-12)
+    for param, sample in zip(model.parameters(), samples):
+        torch.testing.assert_close(param.grad, torch.tensordot(coef, sample, dims=1), rtol=1e-9, atol=1e-12)
+    ghost.to_standard_module()
+
+
+def test_registered_by_name_for_segmentation_only_with_dp_norms() -> None:
+    assert {"basic_unet", "segresnet"} <= set(available_models())
+    assert (min_input_size("basic_unet", norm="group"), min_input_size("basic_unet", norm="instance")) == (16, 32)
+    assert (min_input_size("segresnet", norm="group"), min_input_size("segresnet", norm="instance")) == (8, 16)
+    for name in ("basic_unet", "segresnet"):
+        model = build_model(ModelConfig(name=name, width=4, norm="instance"), in_channels=1, num_classes=3,
+                            spatial_dims=3, dp=True, task="segmentation")
+        assert model(torch.zeros(1, 1, 40, 56, 40)).shape == (1, 3, 40, 56, 40)  # the hippo preset's volumes
+        assert not any(getattr(m, "inplace", False) for m in model.modules())
+        with pytest.raises(ConfigError, match=f"{name}' does not serve data.task='classification'"):
+            build_model(ModelConfig(name=name, width=4), in_channels=1, num_classes=2, dp=False,
+                        task="classification")
+        with pytest.raises(ConfigError, match="cannot be used with differential privacy"):
+            build_model(ModelConfig(name=name, width=4, norm="batch"), in_channels=1, num_classes=2, dp=True,
+                        task="segmentation")
