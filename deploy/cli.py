@@ -170,6 +170,8 @@ def supernode_cmd(
     ca: Annotated[Path, typer.Option("--ca", help="Consortium ca.pem.")] = Path("certs/ca.pem"),
     key: Annotated[Path, typer.Option("--key", help="This site's site.key (0600).")] = Path("certs/site.key"),
     policy: Annotated[str, typer.Option("--policy", help="The site's policy YAML.")] = "",
+    pacs: Annotated[str, typer.Option("--pacs", help="The site's PACS YAML: train on its cohort (data from the PACS).")
+                    ] = "",
     trusted_entities: Annotated[str, typer.Option(
         "--trusted-entities", help="YAML of trusted ed25519 keys: run only app code (FABs) one of them signed.")] = "",
     runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local port for ClientApp processes.")] = 9094,
@@ -190,7 +192,8 @@ def supernode_cmd(
     spec = SuperNodeSpec(
         superlink=superlink, site_name=site_name,
         ca_cert=None if insecure else ca, private_key=None if insecure else key,
-        data_dir=data_dir, state_dir=state_dir, policy=policy, runtime_port=runtime_port, insecure=insecure,
+        data_dir=data_dir, state_dir=state_dir, policy=policy, pacs=pacs, runtime_port=runtime_port,
+        insecure=insecure,
         extra_node_config=extra, trusted_entities=trusted_entities,
     )
     try:

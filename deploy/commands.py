@@ -28,8 +28,8 @@ from certs.x509 import check_ca
 logger = logging.getLogger(__name__)
 
 #: Node-config keys medfed's ClientApp reads (see client/site.py); ``policy`` is the
-#: site policy file path read by the site policy feature where installed.
-NODE_CONFIG_KEYS = ("site-name", "data-dir", "state-dir", "policy", "partition-id", "num-partitions")
+#: site policy file path read by the site policy feature where installed; ``pacs`` the site's PACS YAML.
+NODE_CONFIG_KEYS = ("site-name", "data-dir", "state-dir", "policy", "pacs", "partition-id", "num-partitions")
 SUPERLINK_PORT = 9093
 FLEET_PUBLIC_PORT = 9092
 INSECURE_WARNING = (
@@ -109,6 +109,7 @@ class SuperNodeSpec:
     data_dir: str = ""
     state_dir: str = ""
     policy: str = ""
+    pacs: str = ""  # the site's PACS YAML: its cohort is its data (README "Train from your PACS")
     runtime_port: int = 9094
     insecure: bool = False
     extra_node_config: dict[str, str | int] = field(default_factory=dict)
@@ -134,7 +135,8 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
             "its privacy ledger and audit log (the coordinator's run config may not choose them)"
         )
     values: dict[str, str | int] = {"site-name": spec.site_name}
-    for key, value in (("data-dir", spec.data_dir), ("state-dir", spec.state_dir), ("policy", spec.policy)):
+    for key, value in (("data-dir", spec.data_dir), ("state-dir", spec.state_dir), ("policy", spec.policy),
+                         ("pacs", spec.pacs)):
         if value:
             values[key] = value
     values.update(spec.extra_node_config)
