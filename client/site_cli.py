@@ -84,7 +84,9 @@ def check_command(
     if data_dir is None:
         _fail("give the site folder (DATA_DIR) or --pacs SITE.yaml")
         return
-    if (data_dir / "imagesTr").is_dir():  # a NIfTI segmentation folder (MSD/nnU-Net layout)
+    from federation.data.nifti import is_nifti_site  # noqa: PLC0415
+
+    if is_nifti_site(data_dir):  # NIfTI segmentation data: MSD/nnU-Net folders or a cases CSV
         _check_nifti(data_dir, label_names=tuple(_split_csv([label_names])), json_out=json_out, max_rows=max_rows)
         return
     names = _split_csv([label_names]) or None

@@ -270,3 +270,41 @@ def test_site_check_reports_a_nifti_folder_case_by_case(tmp_path: Path) -> None:
     assert report["usable"] == ["good1", "good2", "good3"] and len(report["set_aside"]) == 6
     result = CliRunner().invoke(app, ["site", "check", str(tmp_path)])  # no classes declared, no dataset.json
     assert result.exit_code == 2 and "nifti_label_names" in result.output
+
+
+def test_a_cases_csv_is_a_nifti_site_checked_like_the_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from federation.data.nifti import load_nifti_folder
+    from simulations.cli import app
+
+    (tmp_path / "site").mkdir()
+    _nifti_folder(tmp_path / "site")
+    rows = ["image,label,case", "imagesTr/good1_0000.nii.gz,labelsTr/good1.nii.gz,p1",
+            f"{tmp_path / 'site' / 'imagesTr' / 'good2_0000.nii.gz'},labelsTr/good2.nii.gz,p2",  # absolute
+            "imagesTr/good3_0000.nii.gz,labelsTr/good3.nii.gz,", "imagesTr/empty_0000.nii.gz,labelsTr/empty.nii.gz,e",
+            "imagesTr/shape_0000.nii.gz,,unlabelled", "imagesTr/gone.nii.gz,labelsTr/good1.nii.gz,gone"]
+    (tmp_path / "site" / "cases.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "csv_site").mkdir()
+    (tmp_path / "csv_site" / "cases.csv").write_text((tmp_path / "site" / "cases.csv").read_text().replace(
+        "imagesTr/", "../site/imagesTr/").replace("labelsTr/", "../site/labelsTr/"))
+    expected_aside = {"e": "empty label (no foreground voxel)", "unlabelled": "no label listed",
+                      "gone": f"no image file {tmp_path / 'site' / 'imagesTr' / 'gone.nii.gz'}"}
+    for target in (tmp_path / "csv_site", tmp_path / "site" / "cases.csv"):  # a folder with cases.csv, the CSV
+        result = CliRunner().invoke(app, ["site", "check", str(target), "--label-names", "bg,a,b",
+                                          "--json", str(tmp_path / "report.json")])
+        assert result.exit_code == 0, result.output
+        assert "NIfTI cases usable: 3; set aside: 3; classes: 0 bg, 1 a, 2 b" in result.output
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["usable"] == ["p1", "p2", "good3_0000"]
+        assert report["set_aside"] == {k: v.replace("/site/", "/csv_site/../site/") if target.is_dir() else v
+                                       for k, v in expected_aside.items()}
+    config = load_config(None, ["data.dataset=nifti", "data.task=segmentation", "data.nifti_label_names=bg,a,b",
+                                "data.volume_shape=8,8,8"])
+    splits = load_nifti_folder(config=config.data, data_dir=tmp_path / "csv_site", seed=0)
+    assert (len(splits.train_labels), len(splits.test_labels)) == (2, 1)
+    (tmp_path / "bad.csv").write_text("img,label\nx.nii.gz,y.nii.gz\n")
+    result = CliRunner().invoke(app, ["site", "check", str(tmp_path / "bad.csv"), "--label-names", "bg,a"])
+    output = " ".join(result.output.split())  # rich wraps long paths
+    assert result.exit_code == 2
+    assert "bad.csv: no column image (expected columns image,label[,case]; found img, label)" in output

@@ -2,7 +2,10 @@
 
 A folder holds ``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz`` (same file
 name; nnU-Net's ``<case>_0000.nii.gz`` image names are accepted) and optionally a
-``dataset.json`` whose ``labels`` name the classes. Every case is read with MONAI's
+``dataset.json`` whose ``labels`` name the classes. Instead of the two folders a site
+may list its cases in a CSV (:data:`CASES_CSV` in the folder, or the CSV file itself
+as the data dir) with columns ``image`` and ``label`` (paths relative to the CSV's
+folder, or absolute) and optionally ``case`` (:func:`csv_cases`). Every case is read with MONAI's
 :class:`~monai.transforms.LoadImage` (nibabel) and checked like a DICOM folder is:
 an unreadable file, a missing label, an image/label shape or affine mismatch, label
 values outside the declared classes, or an empty label map (no foreground) sets the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,10 @@ DEFAULT_VOLUME_SHAPE = (40, 56, 40)
 AFFINE_TOLERANCE = 1e-3
 """Largest absolute difference between an image's and its label's affine entries (mm)."""
 _SPLIT_STREAM = 401
+Case = tuple[str, Path, Path | None]
+"""``(case name, image path, label path)``; no label path when a cases CSV lists none."""
+CASES_CSV = "cases.csv"
+"""A site folder's list of cases (columns ``image``, ``label``, optional ``case``) when it has no ``imagesTr``."""
 
 
 @dataclass
@@ -61,7 +69,7 @@ def volume_shape(config: DataConfig) -> tuple[int, int, int]:
     return parse_volume_shape(config.volume_shape) if config.volume_shape.strip() else DEFAULT_VOLUME_SHAPE  # type: ignore[return-value]
 
 
-def folder_cases(folder: Path) -> list[tuple[str, Path, Path]]:
+def folder_cases(folder: Path) -> list[Case]:
     """``(case, image, label)`` of every image in ``folder/imagesTr`` (the label path may not exist).
 
     Raises:
@@ -71,7 +79,8 @@ def folder_cases(folder: Path) -> list[tuple[str, Path, Path]]:
     images = sorted(p for p in images_dir.glob("*.nii*") if not p.name.startswith("."))
     if not images:
         raise FileNotFoundError(f"{images_dir}: no .nii/.nii.gz images (expected the MSD/nnU-Net layout "
-                                "imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz)")
+                                f"imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz, or a {CASES_CSV} with "
+                                "columns image,label)")
     cases = []
     for image in images:
         name = image.name.split(".nii")[0]
@@ -95,6 +104,56 @@ def volume_transforms(shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
             ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True))
 
 
+def csv_cases(path: Path) -> list[Case]:
+    """``(case, image, label)`` of every row of a cases CSV (see the module docstring); ``None``: no label listed.
+
+    Raises:
+        ValueError: The CSV lacks an ``image`` or ``label`` column, has no row, a row without
+            an image, or a case name twice (named with the file and row).
+    """
+    import csv  # noqa: PLC0415
+
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("image", "label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {' or '.join(missing)} (expected columns image,label[,case]; "
+                             f"found {', '.join(reader.fieldnames or []) or 'none'})")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no case listed (one row per case: image,label[,case])")
+    cases: list[Case] = []
+    for number, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise ValueError(f"{path}, row {number}: empty image path")
+        case = (row.get("case") or "").strip() or Path(image).name.split(".nii")[0]
+        if any(case == c for c, _, _ in cases):
+            raise ValueError(f"{path}, row {number}: case {case!r} is listed twice; give each row its own case name")
+        label = (row.get("label") or "").strip()
+        cases.append((case, path.parent / image, path.parent / label if label else None))
+    return cases
+
+
+def site_cases(path: Path) -> list[Case]:
+    """The cases of a NIfTI site: a cases CSV file, a folder with ``imagesTr/``, or a folder with :data:`CASES_CSV`.
+
+    Raises:
+        FileNotFoundError: None of these (the message names all three layouts).
+    """
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return csv_cases(path)
+    if not (path / "imagesTr").is_dir() and (path / CASES_CSV).is_file():
+        return csv_cases(path / CASES_CSV)
+    return folder_cases(path)
+
+
+def is_nifti_site(path: Path) -> bool:
+    """Whether ``path`` looks like a NIfTI site (``imagesTr/``, :data:`CASES_CSV`, or a ``.csv`` file)."""
+    return (path / "imagesTr").is_dir() or (path / CASES_CSV).is_file() or (
+        path.is_file() and path.suffix.lower() == ".csv")
+
+
 def _problem(image: np.ndarray, label: np.ndarray, image_affine: np.ndarray, label_affine: np.ndarray,
              num_classes: int) -> str | None:
     """Why an image/label pair may not be used, or None."""
@@ -114,20 +173,26 @@ def _problem(image: np.ndarray, label: np.ndarray, image_affine: np.ndarray, lab
 
 
 def check_nifti_cases(
-    cases: list[tuple[str, Path, Path]], *, num_classes: int, shape: tuple[int, ...]
+    cases: Sequence[Case], *, num_classes: int, shape: tuple[int, ...]
 ) -> NiftiCases:
     """Read and check every case; keep the good ones padded/cropped to ``shape`` and scaled to ``[0, 1]``.
 
     Args:
-        cases: ``(case, image path, label path)``.
+        cases: ``(case, image path, label path or None when none is listed)``.
         num_classes: Declared classes including background (label values ``0 .. num_classes - 1``).
         shape: Spatial shape every kept volume is padded/cropped to.
     """
     load, fit, scale = volume_transforms(shape)
     out = NiftiCases()
     for case, image_path, label_path in cases:
+        if not image_path.is_file():
+            out.set_aside[case] = f"no image file {image_path}"
+            continue
+        if label_path is None:
+            out.set_aside[case] = "no label listed"
+            continue
         if not label_path.is_file():
-            out.set_aside[case] = f"no label file {label_path.name} in labelsTr"
+            out.set_aside[case] = f"no label file {label_path.name} in {label_path.parent.name}"
             continue
         try:
             image, label = load(str(image_path)), load(str(label_path))
@@ -194,8 +259,8 @@ def label_names_of(folder: Path, config: DataConfig) -> tuple[str, ...]:
 
 def load_nifti_folder(*, config: DataConfig, data_dir: Path, seed: int) -> DatasetSplits:
     """Registry loader of ``nifti``: the site's folder ``data_dir`` (see the module docstring)."""
-    names = label_names_of(data_dir, config)
-    cases = check_nifti_cases(folder_cases(data_dir), num_classes=len(names), shape=volume_shape(config))
+    names = label_names_of(data_dir if data_dir.is_dir() else data_dir.parent, config)
+    cases = check_nifti_cases(site_cases(data_dir), num_classes=len(names), shape=volume_shape(config))
     logger.info("NIfTI folder: %d case(s) kept, %d set aside", len(cases.names), len(cases.set_aside))
     return split_cases(cases, name="nifti", label_names=names, test_fraction=config.nifti_test_fraction, seed=seed)
 
@@ -218,17 +283,17 @@ def check_nifti_folder(folder: Path, *, label_names: tuple[str, ...] = ()) -> tu
     """What ``medfed site check`` reports for a NIfTI folder: the cases kept and those set aside, and the classes.
 
     Args:
-        folder: The site folder (``imagesTr/`` + ``labelsTr/``).
+        folder: The site folder (``imagesTr/`` + ``labelsTr/``, or :data:`CASES_CSV`) or a cases CSV.
         label_names: Class names in label order; empty = the folder's ``dataset.json``.
 
     Raises:
         FileNotFoundError: No images in ``folder/imagesTr``.
         ValueError: No class names given or found.
     """
-    names = label_names or label_names_of(folder, DataConfig())
+    names = label_names or label_names_of(folder if folder.is_dir() else folder.parent, DataConfig())
     if len(names) < 2:
         raise ValueError(f"{folder}: at least two classes are needed, got {names}")
-    return check_nifti_cases(folder_cases(folder), num_classes=len(names), shape=DEFAULT_VOLUME_SHAPE), names
+    return check_nifti_cases(site_cases(folder), num_classes=len(names), shape=DEFAULT_VOLUME_SHAPE), names
 
 
 def render_nifti_report(cases: NiftiCases, *, label_names: tuple[str, ...], max_rows: int = 50) -> str:
