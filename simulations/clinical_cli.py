@@ -62,8 +62,9 @@ def predict_command(
     input_path: Annotated[
         Optional[Path], typer.Option("--input", "-i", help="A DICOM, PNG/JPEG or .npz file, or a folder of them.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image probabilities to this CSV "
-                                     "(a segmentation run: a folder for one NIfTI mask per input + volumes.csv).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write per-image probabilities to this CSV "
+        "(a segmentation run: a folder for one NIfTI mask per input + volumes.csv).")] = None,
     gradcam: Annotated[
         Optional[Path],
         typer.Option("--gradcam", help="Also write explanation overlays (as medfed explain) into this folder."),

@@ -68,7 +68,8 @@ def ranking_line(table: list[dict[str, Any]], *, metric: str) -> str:
 
     ordered = sorted(table, key=lambda e: (math.isnan(e[key]), -e[key] if not math.isnan(e[key]) else 0.0))
     return (f"Ranked by global {LABELS.get(f'global_{metric}', metric).split(' ', 1)[1]}: "
-            + ", ".join(f"{k}. {label(e)} ({_pm(e[key], e[f'global_{metric}_std'])})" for k, e in enumerate(ordered, 1)))
+            + ", ".join(f"{k}. {label(e)} ({_pm(e[key], e[f'global_{metric}_std'])})"
+                        for k, e in enumerate(ordered, 1)))
 
 
 def comparison_markdown(table: list[dict[str, Any]], *, grid_keys: list[str], metric: str = "auc") -> str:

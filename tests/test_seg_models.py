@@ -16,7 +16,7 @@ F64 = torch.float64
 @pytest.mark.parametrize(("name", "spatial_dims", "side"),
                          [("basic_unet", 2, 16), ("basic_unet", 3, 16), ("segresnet", 2, 8), ("segresnet", 3, 8)])
 def test_ghost_clipping_equals_opacus_per_sample_gradients(name: str, spatial_dims: int, side: int) -> None:
-    """No transposed convolution (upsampling is conv + interpolation): every layer covered, norms equal Opacus' hooks."""
+    """No transposed convolution (upsampling is conv + interpolation): every layer covered, equal to Opacus' hooks."""
     from opacus.grad_sample import GradSampleModule
 
     from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode, uncovered_layers
