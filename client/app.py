@@ -72,7 +72,7 @@ def train_body(
     if outcome.refusal is not None:
         content["status"] = ConfigRecord({"refused": outcome.refusal})
         return check_reply(content, allowed_metrics=())
-    if config.train.local_norm:  # FedBN: the site's own norm layers never leave (client.personal)
+    if config.train.local_norm or config.train.ditto_lambda > 0:  # FedBN's norm layers, Ditto's model stay here
         from client.personal import check_local_kept  # noqa: PLC0415
 
         check_local_kept(outcome.weights, global_weights=global_weights, settings=settings)

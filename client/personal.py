@@ -15,9 +15,18 @@ fine-tunes the final global model on the site's data for F local rounds
 (:func:`finetune_after_federation`: DP steps in the site's ε and ledger like any
 round) and keeps the result at the site (``personal_model.pt``).
 
+With ``train.ditto_lambda = λ > 0`` (Ditto, Li et al. 2021) each site also trains a
+personal model every round (:func:`train_ditto`): from its previous personal model
+(the global one in its first round), as many steps as the global update, on the loss
+plus ``λ/2·||v - w_global||²`` towards the global model it received. Its DP steps are
+admitted, reserved and committed in the run's accountant and the site's ledger with
+the global update's (the noise is calibrated for ``2·server.rounds`` rounds); the
+personal model stays in ``personal_model.pt`` and :func:`check_local_kept` refuses a
+reply that carries any of its trained tensors.
+
 Evaluation then reports the global model's metrics and the site's personalized ones
-(``personal-loss``, ``personal-auc``, ``personal-accuracy``: its fine-tuned model, or
-the global model with its norm layers) under the same disclosure rules.
+(``personal-loss``, ``personal-auc``, ``personal-accuracy``: its fine-tuned or Ditto
+model, or the global model with its norm layers) under the same disclosure rules.
 """
 
 from __future__ import annotations
@@ -93,15 +102,25 @@ def keep_local_norm(model: nn.Module, *, settings: SiteSettings, local: Mapping[
 
 def check_local_kept(weights: Mapping[str, torch.Tensor], *, global_weights: Mapping[str, torch.Tensor],
                      settings: SiteSettings) -> None:
-    """Outbound guard for FedBN: every tensor the site keeps must leave exactly as it arrived.
+    """Outbound guard for personalization: nothing the site keeps for itself leaves.
+
+    FedBN: every kept norm-layer tensor must leave exactly as it arrived. Ditto (and a
+    fine-tuned model): no reply tensor may equal the site's personal model where that
+    differs from the global model it received.
 
     Raises:
-        OutboundViolation: A kept (norm-layer) tensor in the reply differs from the global one.
+        OutboundViolation: A kept (norm-layer) tensor in the reply differs from the global
+            one, or a reply tensor is the site's personal one.
     """
     saved = load_local_norm(settings) or {}
     leaked = [n for n in saved if n in weights and not torch.equal(weights[n].cpu(), global_weights[n].cpu())]
     if leaked:
         raise OutboundViolation(f"local norm-layer tensors would leave the site: {leaked[:5]}")
+    personal = load_personal_model(settings) or {}  # Ditto / fine-tuning: no tensor the site trained for itself
+    leaked = [n for n, v in personal.items() if n in weights and n in global_weights
+              and not torch.equal(v, global_weights[n].cpu()) and torch.equal(weights[n].cpu(), v)]
+    if leaked:
+        raise OutboundViolation(f"personal-model tensors would leave the site: {leaked[:5]}")
 
 
 PERSONAL_MODEL_FILE = "personal_model.pt"
@@ -112,13 +131,45 @@ def personal_state(global_weights: Mapping[str, torch.Tensor],
                    settings: SiteSettings) -> dict[str, torch.Tensor] | None:
     """The site's personalized model: its fine-tuned model if it has one, else the global weights with its
     own norm layers; None if it has neither."""
-    tuned = settings.run_state_dir / PERSONAL_MODEL_FILE
-    if tuned.is_file():
-        return torch.load(tuned, map_location="cpu", weights_only=True)
+    tuned = load_personal_model(settings)
+    if tuned is not None:
+        return tuned
     saved = load_local_norm(settings)
     if saved is None:
         return None
     return {**dict(global_weights), **saved}
+
+
+def load_personal_model(settings: SiteSettings) -> dict[str, torch.Tensor] | None:
+    """The site's fine-tuned or Ditto model (:data:`PERSONAL_MODEL_FILE`), or None before it has one."""
+    path = settings.run_state_dir / PERSONAL_MODEL_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def save_personal_model(weights: Mapping[str, torch.Tensor], settings: SiteSettings) -> Path:
+    """Write the personal model atomically in the site's run state folder."""
+    path = settings.run_state_dir / PERSONAL_MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".personal-", suffix=".pt")
+    os.close(fd)
+    torch.save({k: v.detach().cpu() for k, v in weights.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def personalized(config: ExperimentConfig) -> bool:
+    """Whether the run keeps anything at the sites (FedBN, fine-tuning, Ditto): personal-* metrics, guard."""
+    return bool(config.train.local_norm or config.train.finetune_rounds or config.train.ditto_lambda > 0)
+
+
+def planned_rounds(config: ExperimentConfig) -> int:
+    """Rounds of ``steps_per_round`` DP steps a site's accountant is calibrated for.
+
+    ``server.rounds`` (twice with Ditto: a global and a personal update each round)
+    plus ``train.finetune_rounds``.
+    """
+    per_round = 2 if config.train.ditto_lambda > 0 else 1
+    return config.server.rounds * per_round + config.train.finetune_rounds
 
 
 def finetune_due(config: ExperimentConfig, server_round: int) -> bool:
@@ -147,11 +198,7 @@ def finetune_after_federation(*, config: ExperimentConfig, settings: SiteSetting
             logger.warning("site %s: fine-tuning round %d not trained (%s)", settings.name, k, outcome.refusal)
             return False
         weights = personal_state(outcome.weights, settings) if config.train.local_norm else dict(outcome.weights)
-    path = settings.run_state_dir / PERSONAL_MODEL_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".personal-", suffix=".pt")
-    os.close(fd)
-    torch.save(weights, tmp)
-    os.replace(tmp, path)
+    path = save_personal_model(weights, settings)
     logger.info("site %s fine-tuned the global model for %d rounds; kept at %s", settings.name, k, path)
     return True
 

@@ -231,6 +231,7 @@ def load_privacy(
     """The site's accountant for the whole run, restored from its disk when present."""
     if not config.privacy.enabled:
         return None
+    from client.personal import planned_rounds  # noqa: PLC0415
     from federation.privacy import SitePrivacy  # noqa: PLC0415 - Opacus: only where DP trains
 
     privacy = SitePrivacy(
@@ -238,7 +239,7 @@ def load_privacy(
         num_examples=num_examples,
         batch_size=config.train.batch_size,
         local_epochs=config.train.local_epochs,
-        planned_rounds=config.server.rounds + config.train.finetune_rounds,  # fine-tuning: client.personal
+        planned_rounds=planned_rounds(config),  # Ditto's and fine-tuning's steps too: client.personal
     )
     path = _privacy_path(settings)
     if path.is_file():
@@ -335,6 +336,7 @@ def train_round(
         return _train_admitted(
             model, config=config, settings=settings, data=data, privacy=privacy, ledger=ledger, admission=admission,
             global_weights=global_weights, server_round=server_round, proximal_mu=proximal_mu, run_id=run_id,
+            policy=policy,
         )
     finally:
         release_model(model)  # refused or failed rounds too: the next request reuses it
@@ -353,6 +355,7 @@ def _train_admitted(
     server_round: int,
     proximal_mu: float,
     run_id: int | None,
+    policy: SitePolicy | None = None,
 ) -> TrainOutcome:
     """Train an admitted round on a checked-out model and record what it spent."""
     from federation.privacy import PrivacyBudgetExhausted  # noqa: PLC0415 - Opacus: only where a site trains
@@ -375,6 +378,12 @@ def _train_admitted(
     except PrivacyBudgetExhausted as stop:  # admit_train_round checks this first; kept as a backstop
         logger.warning("site %s refuses round %d: %s", settings.name, server_round, stop.reason)
         return TrainOutcome(weights=None, metrics={}, refusal=refusal("run-budget", stop.reason), admission=admission)
+    if config.train.ditto_lambda > 0:  # Ditto: the personal model trains too, in the same accountant (client.ditto)
+        from client.ditto import train_ditto  # noqa: PLC0415
+
+        result = train_ditto(model, config=config, settings=settings, data=data, privacy=privacy, ledger=ledger,
+                             policy=policy, global_weights=global_weights, server_round=server_round, run_id=run_id,
+                             result=result)
     if privacy is not None:
         save_privacy(privacy, settings)
     ledger.commit(
@@ -427,7 +436,7 @@ def evaluate_round(
         device=select_device(config.train.device),
     )
     personal: dict[str, float] = {}
-    if config.train.local_norm or config.train.finetune_rounds:  # also the site's personal model (client.personal)
+    if config.train.local_norm or config.train.finetune_rounds or config.train.ditto_lambda > 0:  # client.personal
         from client.personal import personal_metrics  # noqa: PLC0415
 
         personal = personal_metrics(model, dataset=data.test, global_weights=global_weights, settings=settings,

@@ -225,7 +225,8 @@ def final_site_metrics(run_dir: Path, config: ExperimentConfig | None = None) ->
 def personalized_result(run_dir: Path, config: ExperimentConfig) -> MethodResult | None:
     """The sites' personalized models on their own test splits, as each site reported them (issue 21).
 
-    ``FedBN`` (``train.local_norm``) or ``federated + fine-tuned`` (``train.finetune_rounds``):
+    ``FedBN`` (``train.local_norm``), ``federated + fine-tuned`` (``train.finetune_rounds``) or
+    ``Ditto`` (``train.ditto_lambda``):
     these models never leave their site, so only their own-site ``personal-*`` metrics
     exist (no overall value). ``None`` unless every site reported them.
     """
@@ -235,11 +236,12 @@ def personalized_result(run_dir: Path, config: ExperimentConfig) -> MethodResult
     if not all("personal-accuracy" in (reported.get(n) or {}) for n in names):
         return None
     method = "federated + fine-tuned" if config.train.finetune_rounds else "FedBN"
+    method = "Ditto" if config.train.ditto_lambda > 0 else method
     per_site = {n: {m: _float(reported[n].get(f"personal-{m}")) for m in METRICS} for n in names}
     return MethodResult(method=method, per_site=per_site, overall={m: math.nan for m in METRICS})
 
 
-PERSONALIZED_METHODS = ("FedBN", "federated + fine-tuned")
+PERSONALIZED_METHODS = ("FedBN", "federated + fine-tuned", "Ditto")
 """Rows of :func:`personalized_result`."""
 
 

@@ -168,6 +168,11 @@ def cross_field_problems(config: ExperimentConfig) -> list[str]:
             "(DP-SGD needs per-sample gradients); allowed: 'group', 'instance', or 'batch' with "
             "model.batchnorm=frozen|group (pretrained BatchNorm made DP-compatible)"
         )
+    if config.train.ditto_lambda > 0 and (config.train.local_norm or config.train.finetune_rounds):
+        problems.append(
+            "train.ditto_lambda: Ditto keeps its own personal model at each site; it does not combine with "
+            "train.local_norm or train.finetune_rounds: set those to false / 0, or ditto_lambda to 0"
+        )
     if config.strategy.min_sites > config.data.num_sites:
         problems.append(
             f"strategy.min_sites: quorum {config.strategy.min_sites} is larger than "
@@ -188,11 +193,13 @@ def dataset_problems(config: ExperimentConfig) -> list[str]:
     """
     from federation.data.registry import declared_info_problems, is_site_only  # noqa: PLC0415 - torch
 
+    from federation.tasks import task_problems  # noqa: PLC0415 - the registries
+
     try:
         site_only = is_site_only(config.data.dataset)
     except ValueError:
         return []
-    problems = declared_info_problems(config.data)
+    problems = declared_info_problems(config.data) + task_problems(config)  # data.task vs dataset and model
     if config.server.central_eval_dir and not site_only:
         problems.append(
             f"server.central_eval_dir: only for data that exists only at the sites (e.g. dicom); "

@@ -178,6 +178,11 @@ class TrainConfig(_Section):
         "local rounds (DP steps in its epsilon and ledger; the noise is calibrated for rounds + these) and reports "
         "personal-* metrics; the personal model stays at the site."
     )
+    ditto_lambda: float = Field(
+        0.0, ge=0.0, description="Ditto: > 0 makes each site also train a personal model every round, pulled towards "
+        "the global one by lambda/2*||v - w||^2 (its DP steps in the site's epsilon: noise calibrated for 2*rounds); "
+        "it stays at the site and is reported as personal-* metrics."
+    )
 
 
 class PrivacyConfig(_Section):

@@ -16,7 +16,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -82,12 +82,14 @@ class _Proximal:
     loss, so it never touches gradients: under DP-SGD, Opacus overwrites ``p.grad``
     with the clipped, noised per-sample sum, and a data-independent map of the
     weights is free post-processing. ``lr * mu`` is capped at 1 so a huge ``mu``
-    pulls exactly onto the global weights instead of overshooting.
+    pulls exactly onto the global weights instead of overshooting. ``anchors`` (Ditto's
+    personal model: the received global weights) replace the starting values.
     """
 
-    def __init__(self, params: list[nn.Parameter], *, lr: float, mu: float) -> None:
+    def __init__(self, params: list[nn.Parameter], *, lr: float, mu: float,
+                 anchors: list[torch.Tensor] | None = None) -> None:
         self._params = params
-        self._anchor = [p.detach().clone() for p in params]
+        self._anchor = [p.detach().clone() for p in params] if anchors is None else anchors
         self._factor = min(lr * mu, MAX_PROXIMAL_FACTOR)
         if lr * mu > MAX_PROXIMAL_FACTOR:
             logger.debug("FedProx lr*mu=%g capped at %g", lr * mu, MAX_PROXIMAL_FACTOR)
@@ -307,6 +309,7 @@ def train_local(
     device: torch.device | None = None,
     noise_source: NoiseSource = "secure",
     task: Task | str = "classification",
+    proximal_anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the site's data for one federated round.
 
@@ -331,6 +334,9 @@ def train_local(
             with the accountant's step count so every round gets fresh streams.
         proximal_mu: FedProx ``mu`` (0 disables): after every step,
             ``w <- w - min(lr * mu, 1) * (w - w_global)``.
+        proximal_anchor: The ``w_global`` of the proximal step by parameter name
+            (default: the model's own starting weights). Ditto trains a site's personal
+            model with the received global weights here (:mod:`client.personal`).
         device: Where to train; ``None`` selects ``config.device``.
         noise_source: Under DP, ``"secure"`` (default; the only choice for a real
             site) draws the noise, the Poisson sampling and the global RNGs from a
@@ -380,7 +386,8 @@ def train_local(
     apply_trainable(model, getattr(config, "trainable", "all"))  # frozen: not optimized, clipped nor noised
     params = _trainable(model)
     optimizer = _make_optimizer(params, config)
-    proximal = _Proximal(params, lr=config.lr, mu=proximal_mu) if proximal_mu > 0 else None
+    anchors = _anchors(model, proximal_anchor, device=device) if proximal_anchor is not None else None
+    proximal = _Proximal(params, lr=config.lr, mu=proximal_mu, anchors=anchors) if proximal_mu > 0 else None
     augment = _Augmenter(getattr(config, "augment", "none"), seed=round_seed) or None
     try:
         if privacy is None:
@@ -393,6 +400,15 @@ def train_local(
     finally:
         model.train(was_training)
     return _result(tally=tally, num_examples=num_examples, privacy=privacy, started=started)
+
+
+def _anchors(model: nn.Module, anchor: Mapping[str, torch.Tensor], *, device: torch.device) -> list[torch.Tensor]:
+    """``anchor``'s tensors for ``model``'s trainable parameters, in their order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, _ in named if name not in anchor]
+    if missing:
+        raise ValueError(f"proximal_anchor lacks the trainable parameters {missing[:5]}")
+    return [anchor[name].detach().to(device, dtype=p.dtype, copy=True) for name, p in named]
 
 
 def _result(*, tally: _Tally, num_examples: int, privacy: SitePrivacy | None, started: float) -> TrainResult:
