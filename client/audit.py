@@ -69,20 +69,25 @@ class AuditLog:
 
     Args:
         state_dir: The site's disk (``audit.jsonl`` is written there).
+        durable: ``fsync`` every entry, so that it survives a power cut (a real site). A
+            simulated site's log is only flushed to the operating system: the fsync cost
+            8 ms a message on the dev box, a third of a secure-aggregation stage.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.path = Path(state_dir) / AUDIT_FILE
+        self.durable = durable
 
     def append(self, entry: Mapping[str, Any]) -> dict[str, Any]:
-        """Write one entry (``time``/``unix`` are added) and flush it to disk; returns the line's data."""
+        """Write one entry (``time``/``unix`` are added) and flush it (to disk when durable); returns its data."""
         now = time.time()
         line = {"time": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(), "unix": now, **entry}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line, default=str) + "\n")
             handle.flush()
-            os.fsync(handle.fileno())
+            if self.durable:
+                os.fsync(handle.fileno())
         return line
 
 

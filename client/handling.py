@@ -97,7 +97,8 @@ def _write(request: Request, entry: dict[str, Any]) -> None:
     if settings is None:
         logger.error("request failed before the site's state dir was known; not audited: %s", entry.get("error"))
         return
-    AuditLog(settings.state_dir).append({"site": settings.name, "run_name": settings.run_name, **entry})
+    AuditLog(settings.state_dir, durable=not settings.simulated).append(
+        {"site": settings.name, "run_name": settings.run_name, **entry})
 
 
 def handle(

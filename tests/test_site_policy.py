@@ -366,3 +366,18 @@ def test_an_evaluating_site_process_never_loads_opacus(tmp_path: Path) -> None:
     evaluated, trained = done.stdout.strip().splitlines()[-2:]
     assert evaluated.startswith("evaluate False ['accuracy', 'auc']"), evaluated
     assert trained.startswith("train True "), trained
+
+
+def test_a_real_sites_audit_entries_are_fsynced_a_simulated_sites_only_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.audit as audit_module
+    from client.audit import AuditLog
+
+    synced: list[int] = []
+    monkeypatch.setattr(audit_module.os, "fsync", lambda fd: synced.append(fd))
+    AuditLog(tmp_path / "real").append({"event": "train"})
+    assert len(synced) == 1
+    AuditLog(tmp_path / "simulated", durable=False).append({"event": "train"})
+    assert len(synced) == 1  # written and flushed (readable at once), not forced to disk
+    assert read_audit(tmp_path / "simulated" / "audit.jsonl")[0]["event"] == "train"
