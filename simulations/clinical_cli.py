@@ -148,13 +148,13 @@ def _predict_nifti(model: Path, input_path: Path, out: Optional[Path], *, limit:
 
 
 def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int, out: Optional[Path]) -> None:
-    """``predict --pacs``: retrieve the cohort, predict each image, store one SR (classification) or SEG
-    (segmentation) per series into the PACS."""
-    from federation.data.dicom.pacs import PacsError, connect, load_pacs_config, pacs_errors, sync_cohort  # noqa: PLC0415
+    """``predict --pacs``: retrieve the cohort, predict each image (a 3-D model: each series as a volume),
+    store one SR (classification) or SEG (segmentation) per series into the PACS."""
+    from federation.data.dicom.pacs import PacsError, connect, load_pacs_config, sync_cohort  # noqa: PLC0415
     from federation.data.dicom.pacs_report import default_cache_dir  # noqa: PLC0415
     from federation.inference import predict_inputs, write_predictions_csv  # noqa: PLC0415
     from federation.inference.predict import predict_probabilities  # noqa: PLC0415
-    from federation.inference.writeback import cohort_reports, cohort_segmentations, store_reports  # noqa: PLC0415
+    from federation.inference.writeback import cohort_reports, cohort_segmentations  # noqa: PLC0415
 
     try:
         config = load_pacs_config(pacs)
@@ -162,6 +162,9 @@ def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int,
         synced = sync_cohort(config, cache_dir=default_cache_dir(config, cache), labelled_only=False, client=client)
     except (PacsError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
+        return
+    if _spatial_dims(model) == 3:  # a volume model: one report per series, the series as one volume
+        _predict_pacs_volumes(model, config, client, synced.cache_dir, out=out)
         return
     module, meta, items = _load(model, synced.cache_dir, "test", limit)
     if items and predict_probabilities(module, items[0].image[None]).ndim == 4:  # a segmentation model: DICOM SEG
@@ -172,15 +175,58 @@ def _predict_pacs(model: Path, pacs: Path, cache: Optional[Path], *, limit: int,
         predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
         reports = cohort_reports(cache_dir=synced.cache_dir, predictions=predictions, meta=meta)
         kind = "DICOM SR"
+    _store_pacs_reports(config, client, reports)
+    if out is not None and predictions:  # per-image probabilities of a classification model
+        write_predictions_csv(predictions, out, meta=meta)
+    console.print(f"[green]{len(reports)} research report(s)[/] ({kind}, not for clinical use) stored in PACS "
+                  f"{config.address} for {len(items)} image(s) of {len(synced.series)} series")
+
+
+def _spatial_dims(model: Path) -> int:
+    from federation.inference import read_export_meta  # noqa: PLC0415
+
+    try:
+        return int((read_export_meta(model).get("preprocessing") or {}).get("spatial_dims", 2))
+    except (FileNotFoundError, ValueError):
+        return 2  # _load names the problem
+
+
+def _store_pacs_reports(config: object, client: object, reports: list) -> None:
+    """Store the research reports (STOW-RS or C-STORE); a failing PACS is an error naming it."""
+    from federation.data.dicom.pacs import PacsError, pacs_errors  # noqa: PLC0415
+    from federation.inference.writeback import store_reports  # noqa: PLC0415
+
     try:
         with pacs_errors(config, f"store the research reports ({'C-STORE' if config.dimse else 'STOW-RS'})"):
             store_reports(client, reports)
     except PacsError as err:
         _fail(str(err))
-    if out is not None and predictions:  # per-image probabilities of a classification model
-        write_predictions_csv(predictions, out, meta=meta)
-    console.print(f"[green]{len(reports)} research report(s)[/] ({kind}, not for clinical use) stored in PACS "
-                  f"{config.address} for {len(items)} image(s) of {len(synced.series)} series")
+
+
+def _predict_pacs_volumes(model: Path, config: object, client: object, cache: Path, *, out: Optional[Path]) -> None:
+    """``predict --pacs`` with a 3-D model: each cached series one volume, one SR or SEG per series."""
+    import csv  # noqa: PLC0415
+
+    from federation.inference import load_exported  # noqa: PLC0415
+    from federation.inference.volume_writeback import cohort_volume_reports  # noqa: PLC0415
+
+    try:
+        module, meta = load_exported(model)
+        result = cohort_volume_reports(cache_dir=cache, module=module, meta=meta)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(str(err))
+        return
+    _store_pacs_reports(config, client, result.reports)
+    for uid, reason, detail in result.set_aside:
+        console.print(f"[yellow]set aside[/] series {uid}: {reason} ({detail})", soft_wrap=True, highlight=False)
+    if out is not None and result.rows:
+        with open(out, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result.rows[0]))
+            writer.writeheader()
+            writer.writerows(result.rows)
+    kind = "DICOM SEG" if result.rows and "voxels_per_class" in result.rows[0] else "DICOM SR"
+    console.print(f"[green]{len(result.reports)} research report(s)[/] ({kind}, not for clinical use) stored in PACS "
+                  f"{config.address} for {len(result.rows)} series as volumes, {len(result.set_aside)} set aside")
 
 
 def explain_command(

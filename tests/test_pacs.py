@@ -297,3 +297,69 @@ def test_predict_with_a_segmentation_model_writes_a_dicom_seg_per_series(
         algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "medfed unet (seg-test)"
         assert exported.meta["sha256"]["model.pt2"] in algorithm.AlgorithmParameters
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_predict_with_a_volume_model_writes_one_report_per_series_as_a_volume(
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict, task: str) -> None:
+    """3-D models: each CT series predicted as one volume; the series missing a slice is set aside and named."""
+    import torch
+
+    from federation.config.schema import ModelConfig
+    from federation.inference.export import export_model
+    from federation.inference.preprocess import Preprocessing
+    from federation.inference.volume_writeback import cohort_volume_reports
+    from federation.models import build_model
+    from simulations.cli import app
+
+    torch.manual_seed(0)
+    seg = task == "segmentation"
+    build = ModelConfig(name="unet" if seg else "cnn", width=4)
+    net = build_model(build, in_channels=1, num_classes=2, spatial_dims=3, dp=False, task=task)
+    prep = Preprocessing(image_size=8, in_channels=1, spatial_dims=3, volume_shape=(8, 8, 8) if seg else ())
+    exported = export_model(model=net, preprocessing=prep, out_dir=tmp_path / "run" / "export",
+                            metadata={"run": f"vol-{task}", "round": 1, "num_classes": 2, "task": task,
+                                      "label_names": ["background", "lesion"] if seg else ["a", "b"],
+                                      "positive_class": 1, "threshold": 0.5, "model": {"name": build.name}})
+    modality = "SEG" if seg else "SR"
+    client = _client(orthanc)
+    before = len(client.search_for_series(search_filters={"Modality": modality}))
+    result = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "run"), "--pacs",
+                                      str(_ct_yaml(tmp_path, orthanc, pacs)), "--pacs-cache", str(tmp_path / "cache"),
+                                      "--out", str(tmp_path / "series.csv")], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    broken = list(pacs["ct"])[2]
+    text = " ".join(result.output.split())
+    assert f"2 research report(s) (DICOM {modality}, not for clinical use) stored in PACS" in text
+    assert f"for 2 series as volumes, 1 set aside" in text and f"set aside series {broken}: missing_slice" in text
+    found = [pydicom.Dataset.from_json(i) for i in client.search_for_series(search_filters={"Modality": modality})]
+    assert len(found) == before + 2
+    rows = {r["series_instance_uid"]: r for r in csv.DictReader(open(tmp_path / "series.csv", encoding="utf-8"))}
+    assert sorted(rows) == sorted(list(pacs["ct"])[:2])
+    module = torch.export.load(tmp_path / "run" / "export" / "model.pt2").module()
+    direct = cohort_volume_reports(cache_dir=tmp_path / "cache", module=module, meta=exported.meta)
+    mine = []
+    for ref in found:
+        sop = pydicom.Dataset.from_json(client.search_for_instances(ref.StudyInstanceUID, ref.SeriesInstanceUID)[0])
+        report = client.retrieve_instance(ref.StudyInstanceUID, ref.SeriesInstanceUID, sop.SOPInstanceUID)
+        if seg:
+            algorithm = report.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            if algorithm.AlgorithmName != "medfed unet (vol-segmentation)":
+                continue  # the 2-D model's SEGs of another test
+            source = report.ReferencedSeriesSequence[0].SeriesInstanceUID
+            mine.append(source)
+            assert report.NumberOfFrames == len(pacs["ct"][source]) == 4 and report.ContentLabel == "MEDFED_RESEARCH"
+            assert report.SegmentSequence[0].SegmentLabel == "lesion"
+            assert exported.meta["sha256"]["model.pt2"] in algorithm.AlgorithmParameters
+            continue
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in report.ContentSequence}
+        if items["Model name"].TextValue != "medfed cnn (vol-classification)":
+            continue  # the 2-D model's reports of another test
+        source = items["Source series"].TextValue
+        mine.append(source)
+        evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.SeriesInstanceUID == source and len(evidence.ReferencedSOPSequence) == 4
+        score = float(items["Probability of b"].MeasuredValueSequence[0].NumericValue)
+        expected = next(r for r in direct.rows if r["series_instance_uid"] == source)["p_positive"]
+        assert score == pytest.approx(expected, abs=1e-6) == pytest.approx(float(rows[source]["p_positive"]))
+    assert sorted(mine) == sorted(rows)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _wait(condition, *, timeout: float, what: str, procs: dict[str, subprocess.Popen], logs: Path) -> None:  # noqa: ANN001
+def _wait(condition: Callable[[], bool], *, timeout: float, what: str, procs: dict[str, subprocess.Popen],
+          logs: Path) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         dead = [name for name, proc in procs.items() if proc.poll() is not None]

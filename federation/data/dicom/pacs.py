@@ -56,8 +56,8 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LABELS = "labels.csv"
 KEY_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number")
-_TOP_KEYS = {"dicomweb_url", "dimse", "username", "password_file", "password_env", "labels", "key_column", "label_column",
-             "cohort", "timeout_s", "cache_dir"}
+_TOP_KEYS = {"dicomweb_url", "dimse", "username", "password_file", "password_env", "labels", "key_column",
+             "label_column", "cohort", "timeout_s", "cache_dir"}
 _DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae"}
 _CREDENTIAL_KEYS = ("username", "password_file", "password_env")
 _COHORT_KEYS = {"modality", "body_part", "study_date_from", "study_date_to", "series_description"}
