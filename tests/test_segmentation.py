@@ -36,11 +36,31 @@ def test_task_registry_lists_valid_names_on_a_bad_one() -> None:
         load_config(None, ["data.task=detect"])
 
 
+def test_validate_names_dataset_and_model_that_do_not_serve_the_task() -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["validate", "-c", "synthetic", "--set", "data.task=segmentation"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "2 problem(s)" in output
+    assert ("data.dataset='synthetic' serves data.task classification; got data.task='segmentation' "
+            "(datasets for segmentation: dicom_seg, msd_hippocampus, nifti, synthetic_seg)") in output
+    assert ("model.name='cnn' serves data.task classification; got data.task='segmentation' "
+            "(models for segmentation: basic_unet, segresnet, unet)") in output
+    result = CliRunner().invoke(app, ["validate", "-c", "synthetic_seg", "--set", "data.task=classification"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "data.dataset='synthetic_seg' serves data.task segmentation; " in output
+    assert "model.name='unet' serves data.task segmentation; got data.task='classification'" in output
+
+
 def test_dataset_and_model_refuse_a_task_they_do_not_serve() -> None:
-    with pytest.raises(ValueError, match="serves data.task segmentation; got data.task='classification'"):
+    with pytest.raises(ValueError, match="data.dataset='synthetic_seg' serves data.task segmentation; "
+                       "got data.task='classification'"):
         load_dataset(_seg_config("data.task=classification").data, seed=0)
     config = _seg_config()
-    with pytest.raises(ConfigError, match="'cnn' does not serve data.task='segmentation'; models that do: unet"):
+    with pytest.raises(ConfigError, match="'cnn' does not serve data.task='segmentation'; "
+                       "models that do: basic_unet, segresnet, unet"):
         build_model(config.model.model_copy(update={"name": "cnn"}), in_channels=1, num_classes=2, dp=False,
                     task="segmentation")
 

@@ -316,8 +316,9 @@ def check_dataset_task(config: DataConfig) -> None:
     """Raise ValueError unless ``config.dataset`` serves ``config.task`` (naming the tasks it serves)."""
     tasks = _entry(config.dataset).tasks
     if config.task not in tasks:
-        raise ValueError(f"dataset {config.dataset!r} serves data.task {', '.join(tasks)}; "
-                         f"got data.task={config.task!r}")
+        fits = [n for n in available_datasets() if config.task in _REGISTRY[n].tasks]
+        raise ValueError(f"data.dataset={config.dataset!r} serves data.task {', '.join(tasks)}; "
+                         f"got data.task={config.task!r} (datasets for {config.task}: {', '.join(fits) or 'none'})")
 
 
 def is_site_only(name: str) -> bool:

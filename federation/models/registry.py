@@ -82,6 +82,15 @@ def register_model(
                              tasks=tuple(tasks))
 
 
+def model_tasks(name: str) -> tuple[str, ...]:
+    """The ``data.task`` values model ``name`` serves.
+
+    Raises:
+        ConfigError: (a ``ValueError``) if ``name`` is not registered (the message lists the valid names).
+    """
+    return _entry(name).tasks
+
+
 def available_models() -> list[str]:
     """Return the registered model names, sorted."""
     return sorted(_REGISTRY)

@@ -26,6 +26,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from federation.config.schema import ExperimentConfig
     from federation.tasks.base import Task
 
 _BUILTIN = {
@@ -71,6 +72,29 @@ def headline_metric(name: str) -> str:
     return _registered[name].headline if name in _registered else _BUILTIN_HEADLINES[name]
 
 
+def task_problems(config: ExperimentConfig) -> list[str]:
+    """Where ``data.task`` disagrees with the dataset (``data.dataset``) or network (``model.name``) it names.
+
+    Each problem names both keys and what would fit; unknown names give no problem here
+    (the name checks report them). Loads the registries (torch, MONAI).
+    """
+    from federation.data.registry import available_datasets, check_dataset_task  # noqa: PLC0415
+    from federation.models.registry import available_models, model_tasks  # noqa: PLC0415
+
+    task, problems = config.data.task, []
+    if config.data.dataset in available_datasets():
+        try:
+            check_dataset_task(config.data)
+        except ValueError as err:
+            problems.append(str(err))
+    model = config.model.name
+    if model in available_models() and task not in model_tasks(model):
+        fits = [n for n in available_models() if task in model_tasks(n)]
+        problems.append(f"model.name={model!r} serves data.task {', '.join(model_tasks(model))}; got "
+                        f"data.task={task!r} (models for {task}: {', '.join(fits) or 'none'})")
+    return problems
+
+
 def get_task(name: str) -> Task:
     """The task called ``name`` (built on first use, then shared).
 
@@ -84,4 +108,4 @@ def get_task(name: str) -> Task:
     return _registered[name]
 
 
-__all__ = ["available_tasks", "check_task_name", "get_task", "headline_metric", "register_task"]
+__all__ = ["available_tasks", "check_task_name", "get_task", "headline_metric", "register_task", "task_problems"]
