@@ -21,6 +21,9 @@ replaced by :func:`simulated_round`, the honest :func:`client.site.train_round` 
   masked (``secagg.*``) and checked by the outbound guard like an honest one, so it has
   an honest reply's form (names, shapes, dtypes, metrics) and only its values are
   malicious. The guard checks what may leave a site, not honesty: the update passes.
+  The site's disk keeps its honest reply (:mod:`client.replay`); a round resent after a
+  coordinator restart is attacked again the same way (the attack depends only on the
+  run's seed, the site and the round).
 
 Each scenario also requires the site to be simulated (:func:`client.simulated.is_simulated_site`:
 inside Flower's simulation actor pool, no ``state-dir``), so even this app, started by
