@@ -192,6 +192,26 @@ def test_dicom_volume_site_trains_a_3d_model(tmp_path: Path, caplog: pytest.LogC
     assert torch.isfinite(loss)
 
 
+def test_dicom_volume_test_split_carries_each_series_sex_and_age_for_subgroups(tmp_path: Path) -> None:
+    from federation.config.schema import DataConfig
+    from federation.data import load_dataset
+
+    labels = write_volume_site(tmp_path)
+    for path in tmp_path.rglob("*.dcm"):  # class a: women of 40 (PatientAge); b: men born 70 years before the study
+        ds = pydicom.dcmread(path)
+        woman = labels.get(ds.SeriesInstanceUID) == "a"
+        ds.PatientSex, ds.PatientAge = ("F", "040Y") if woman else ("M", "")
+        ds.PatientBirthDate = "" if woman else "19540110"
+        ds.save_as(path, enforce_file_format=True)
+    config = DataConfig(dataset="dicom_volume", data_dir=str(tmp_path), image_size=8, dicom_label_names="a,b",
+                        dicom_channels=1, dicom_test_fraction=0.5)
+    splits = load_dataset(config, seed=0)
+    test = splits.test_labels.tolist()
+    assert sorted(test) == [0, 0, 1]  # the broken series (class a) is set aside
+    assert splits.test_groups["sex"].tolist() == [0 if y == 0 else 1 for y in test]  # SEX_CODES: F 0, M 1
+    assert splits.test_groups["age"].tolist() == [40 if y == 0 else 70 for y in test]  # study 2024-03-12, born 1954-01-10
+
+
 def test_dicom_volume_labels_outside_the_site_folder_are_refused(tmp_path: Path) -> None:
     from federation.data.dicom.dataset import DicomSettings
     from federation.data.dicom.volumes import load_volume_site

@@ -75,6 +75,8 @@ class Volume:
         sop_instance_uids: The instances the slices come from, in slice order.
         sources: The files the slices come from, in slice order.
         patient_key: Keyed hash of the PatientID (:func:`federation.data.dicom.confine.patient_key`), never the ID.
+        patient_sex: ``"F"``, ``"M"``, ``"O"`` from PatientSex, ``""`` if absent or other (subgroup evaluation).
+        patient_age: Age in whole years (PatientAge, else birth date to study date), -1 if unknown.
     """
 
     series_instance_uid: str
@@ -87,6 +89,8 @@ class Volume:
     sop_instance_uids: tuple[str, ...]
     sources: tuple[str, ...]
     patient_key: str = ""
+    patient_sex: str = ""
+    patient_age: int = -1
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,13 @@ def assemble_volume(frames: Sequence[Frame], *, series_instance_uid: str, study_
     )
 
 
+def _subgroup(ds: Dataset) -> dict[str, object]:
+    from federation.data.dicom.index import patient_age_years  # noqa: PLC0415 - index imports the readers
+
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    return {"patient_sex": sex if sex in ("F", "M", "O") else "", "patient_age": patient_age_years(ds)}
+
+
 def read_series(
     paths: Iterable[str | os.PathLike[str]], *, root: str | os.PathLike[str] | None = None, min_slices: int = 1,
     key_patient: Callable[[str], str] | None = None,
@@ -254,6 +265,7 @@ def read_series(
     """
     groups: dict[str, list[Frame]] = defaultdict(list)
     info: dict[str, tuple[str, str, str]] = {}
+    subgroup: dict[str, dict[str, object]] = {}  # sex and age of the series' patient, from its first file
     unreadable: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for path in paths:
@@ -271,6 +283,7 @@ def read_series(
         counts[uid] += 1
         info.setdefault(uid, (str(ds.get("StudyInstanceUID", "")), str(ds.get("Modality", "")).upper(),
                               key_patient(str(ds.get("PatientID", "") or "")) if key_patient else ""))
+        subgroup.setdefault(uid, _subgroup(ds))
         try:
             groups[uid].extend(dataset_frames(ds, source=name))
         except Exception as exc:  # noqa: BLE001 - an undecodable slice sets the series aside
@@ -284,7 +297,7 @@ def read_series(
         try:
             volume = assemble_volume(groups[uid], series_instance_uid=uid, study_instance_uid=info[uid][0],
                                      modality=info[uid][1], min_slices=min_slices)
-            volumes.append(dataclasses.replace(volume, patient_key=info[uid][2]))
+            volumes.append(dataclasses.replace(volume, patient_key=info[uid][2], **subgroup[uid]))
         except SeriesError as err:
             problems.append(SeriesProblem(uid, err.reason, err.detail, counts[uid]))
     for problem in problems:

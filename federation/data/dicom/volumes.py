@@ -63,9 +63,18 @@ def label_volumes(volumes: list[Volume], labels: dict[str, str], encode: Any) ->
     return kept, targets, problems
 
 
-def load_volume_site(data_dir: Path, *, settings: DicomSettings, size: int,
-                     patient_salt: bytes = b"") -> tuple[np.ndarray, np.ndarray, list[str], list[SeriesProblem]]:
-    """A site folder's labelled series as ``float32 (N, 1, size, size, size)``, labels, groups and problems."""
+def volume_subgroups(volumes: list[Volume]) -> dict[str, np.ndarray]:
+    """Sex codes (:data:`SEX_CODES`, -1 unknown) and ages (-1 unknown) of the volumes, for subgroup evaluation."""
+    from federation.data.dicom.loader import SEX_CODES  # noqa: PLC0415
+
+    return {"sex": np.asarray([SEX_CODES.get(v.patient_sex, -1) for v in volumes], dtype=np.int64),
+            "age": np.asarray([v.patient_age for v in volumes], dtype=np.int64)}
+
+
+def load_volume_site(data_dir: Path, *, settings: DicomSettings, size: int, patient_salt: bytes = b"",
+                     ) -> tuple[np.ndarray, np.ndarray, list[str], list[SeriesProblem], dict[str, np.ndarray]]:
+    """A site folder's labelled series as ``float32 (N, 1, size, size, size)``, labels, split groups, problems
+    and the subgroup attributes of the kept series (:func:`volume_subgroups`)."""
     root = Path(data_dir).expanduser().resolve()
     labels_csv = Path(settings.labels).expanduser()
     labels_csv = (labels_csv if labels_csv.is_absolute() else root / labels_csv).resolve()
@@ -86,7 +95,7 @@ def load_volume_site(data_dir: Path, *, settings: DicomSettings, size: int,
     for i, vol in enumerate(volumes):
         images[i, 0] = to_unit_cube(vol, shape=(size, size, size))
     groups = [v.patient_key or v.study_instance_uid or v.series_instance_uid for v in volumes]
-    return images, np.asarray(targets, dtype=np.int64), groups, problems
+    return images, np.asarray(targets, dtype=np.int64), groups, problems, volume_subgroups(volumes)
 
 
 def load_dicom_volume_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplits:
@@ -101,8 +110,8 @@ def load_dicom_volume_splits(*, config: Any, data_dir: Path, seed: int) -> Datas
         raise DataMismatch("DICOM volumes are grayscale (1 channel), the run declares data.dicom_channels=3")
     salt_file = str(getattr(settings, "patient_salt_file", "") or "")
     salt = _site_salt(salt_file) if salt_file else b""
-    images, labels, groups, problems = load_volume_site(Path(data_dir), settings=settings,
-                                                        size=int(config.image_size), patient_salt=salt)
+    images, labels, groups, problems, subgroups = load_volume_site(
+        Path(data_dir), settings=settings, size=int(config.image_size), patient_salt=salt)
     reasons: dict[str, int] = {}
     for problem in problems:
         reasons[problem.reason] = reasons.get(problem.reason, 0) + 1
@@ -117,6 +126,7 @@ def load_dicom_volume_splits(*, config: Any, data_dir: Path, seed: int) -> Datas
         train_images=images[train], train_labels=labels[train],
         test_images=images[test], test_labels=labels[test],
         num_classes=len(names), in_channels=1, md5=None, label_names=tuple(names),
+        test_groups={name: values[test] for name, values in subgroups.items()},
     )
 
 
