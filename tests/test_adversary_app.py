@@ -60,6 +60,9 @@ def test_the_deployed_app_ignores_attacks_and_faults_the_simulation_app_applies_
             torch.testing.assert_close(scaled[name], old[name] + 3 * (value - old[name]))
         else:
             assert torch.equal(scaled[name], value)
+    _, resent = _train(real_site, adversary_app.train, tmp_path, "attack.kind=scale", "attack.sites=2",
+                       "attack.scale=3", run_name="scaled")  # the same round again: replayed, attacked again
+    assert all(torch.equal(_arrays(resent)[name], scaled[name]) for name in scaled)
     _, bystander = _train(real_site, adversary_app.train, tmp_path, "attack.kind=scale", "attack.sites=1",
                           run_name="bystander")
     assert all(torch.equal(_arrays(bystander)[name], honest[name]) for name in honest)  # site-1 attacks, not us
