@@ -1,8 +1,9 @@
 """Every use of a Flower or Ray internal outside the strategies, in one guarded place.
 
 medfed relies on a few parts of Flower (and one of Ray) that are not public API:
-the simulation engine's entry point and its instruction-dispatch loop (the
-harness, :mod:`simulations.engine`), the class of the simulation's in-memory Grid
+the simulation engine's entry point, its instruction-dispatch loop and its Ray
+backend's site actors, kept between the runs of a sweep (the harness,
+:mod:`simulations.engine`), the class of the simulation's in-memory Grid
 (:mod:`server.polling`), the Ray actor class that runs a simulated site
 (:mod:`client.simulated`), the logger set-up, the error codes and the SecAgg+
 crypto primitives, and the SuperNode's polling module (:mod:`deploy.fast_supernode`).
@@ -277,3 +278,121 @@ def run_simulation_engine(
             is_app=True,  # makes every SuperNode fuse its run config from app_dir
             verbose_logging=verbose,
         )
+
+
+class _RunInWorker:
+    """A ``ClientAppActor.run`` "app loader" that runs ``fn`` in the actor's process, then a no-op app.
+
+    Flower's actor has no method but ``run`` (load an app, call it) and ``terminate``;
+    its loader is any picklable callable, so this runs a function in a kept site
+    worker without a class of medfed's own (the actor's class is what marks a
+    simulated site: :mod:`client.simulated`).
+    """
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Callable[..., None]:
+        self.fn()
+        return _no_reply
+
+
+def _no_reply(**_: Any) -> None:  # noqa: ANN401 - Flower calls the app with message= and context=
+    return None
+
+
+#: Seconds a kept site worker may take to answer before the pool is built afresh.
+WORKER_PING_S = 30.0
+
+
+class KeptActors:
+    """The site actors kept between the runs of a warm session (:func:`keep_site_actors`).
+
+    Attributes:
+        builds: Pools built from new actors during the session.
+        reuses: Runs that reused the kept actors.
+    """
+
+    def __init__(self, on_reuse: Callable[[], None]) -> None:
+        self.on_reuse = on_reuse
+        self.pool: Any = None  # Flower's BasicActorPool, idle between runs
+        self.builds = 0
+        self.reuses = 0
+
+    def take(self, client_resources: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a BasicActorPool or None
+        """The kept pool, its workers alive, idle and reset for a new run; None if there is none to reuse."""
+        import ray  # noqa: PLC0415
+
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return None
+        if pool.client_resources != dict(client_resources) or len(pool.pool) != pool.num_actors:
+            self._discard(pool, "other resources per site, or a worker still busy or lost")
+            return None
+        try:  # one call per worker: alive, idle, and its per-run state reset
+            calls = [actor.run.remote(_RunInWorker(self.on_reuse), None, "", None) for actor in pool.pool]
+            ray.get(calls, timeout=WORKER_PING_S)
+        except Exception as error:  # noqa: BLE001 - a dead or stuck worker: start afresh
+            self._discard(pool, f"a worker did not answer ({type(error).__name__})")
+            return None
+        self.reuses += 1
+        return pool
+
+    def keep(self, pool: Any) -> None:  # noqa: ANN401 - a BasicActorPool
+        """Keep ``pool``'s actors for the next run (instead of Flower's end-of-run termination)."""
+        self.pool = pool
+
+    def release(self) -> None:
+        """End the kept actors (the session ends)."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.terminate_all_actors()
+
+    @staticmethod
+    def _discard(pool: Any, why: str) -> None:  # noqa: ANN401
+        import ray  # noqa: PLC0415
+
+        logger.info("not reusing the kept site workers: %s; starting new ones", why)
+        for actor in [*pool.pool, *pool._future_to_actor.values()]:  # noqa: SLF001 - busy ones too
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+
+@contextlib.contextmanager
+def keep_site_actors(*, on_reuse: Callable[[], None]) -> Iterator[KeptActors]:
+    """Within: Flower's Ray backend keeps its site actors and Ray up between runs (a warm session).
+
+    Flower's ``RayBackend`` builds a pool of new ``ClientAppActor`` processes for every
+    run and, at its end, terminates them and shuts Ray down. Within this context its
+    class (looked up by name when the engine starts a run) is one that reuses the
+    actors kept by the previous run, after running ``on_reuse`` in each of them (a
+    function importable in the workers: it resets their per-run state), and at the
+    run's end keeps them, idle, with Ray running. Actors that are busy, dead or made
+    for other per-site resources are replaced by new ones. On leaving, the kept actors
+    are ended; Ray keeps running (the caller stops it).
+    """
+    check_flower_version()
+    from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: PLC0415
+
+    kept = KeptActors(on_reuse)
+    flower_backend = raybackend.RayBackend
+
+    class WarmRayBackend(flower_backend):  # type: ignore[misc, valid-type]
+        def build(self, app_fn: Callable[[], Any]) -> None:
+            pool = kept.take(self.client_resources)
+            if pool is None:
+                super().build(app_fn)
+                kept.builds += 1
+                return
+            self.pool, self.app_fn = pool, app_fn
+
+        def terminate(self) -> None:
+            if self.pool is not None:
+                kept.keep(self.pool)
+
+    raybackend.RayBackend = WarmRayBackend
+    try:
+        yield kept
+    finally:
+        raybackend.RayBackend = flower_backend
+        kept.release()

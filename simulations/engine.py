@@ -26,7 +26,9 @@ the run: the loop that hands the ServerApp's instructions to the site workers
 looks for them as soon as they are stored instead of every 0.1 s
 (:func:`federation.flower_internals.enqueue_on_push`).
 
-Ray is shut down when the run ends, so nothing is left running. The private
+Ray is shut down when the run ends, so nothing is left running, unless the run is
+one of a warm session (:func:`warm_session`: a sweep's runs), which keeps Ray and the
+site workers, their imports done, from one run to the next. The private
 entry points are pinned by the ``flwr`` version range in pyproject.toml, checked
 by :func:`federation.flower_internals.check_flower_version`, and exercised by
 tests/test_engine.py and the integration tests.
@@ -34,20 +36,21 @@ tests/test_engine.py and the integration tests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from federation.config import ExperimentConfig, to_flat
-from federation.flower_internals import run_simulation_engine
+from federation.flower_internals import KeptActors, keep_site_actors, run_simulation_engine
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +197,69 @@ def stop_ray() -> None:
     """Shut Ray down if it runs (after a run, or a config that failed its checks after :func:`start_ray`).
 
     Connected to a cluster (``simulation.ray_address``), this only disconnects: the
-    cluster and its other jobs keep running.
+    cluster and its other jobs keep running. Within a :func:`warm_session` it does
+    nothing: the session stops Ray when it ends.
     """
+    if _session is not None:
+        return
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def reset_site_worker() -> None:
+    """What a kept site worker forgets before its next run: every site's cached data and models.
+
+    Runs in each worker of a warm session (:func:`warm_session`) before a run reuses
+    it, so that run finds the worker as a new one would: no site's data, model or
+    DP-checked model from the run before (client/cache.py), nor the pooled datasets
+    (``federation.data.clear_dataset_cache``). Everything else a site keeps is per run
+    on its disk (accountant, ledger, audit log, under the run's own folder); the
+    imports (torch, MONAI, Opacus, Flower's actor) are what stays warm.
+    """
+    from client import cache  # noqa: PLC0415 - a site worker's modules, not the driver's
+    from federation.data import clear_dataset_cache  # noqa: PLC0415
+
+    cache.clear()
+    clear_dataset_cache()
+
+
+#: The warm session running in this process (None: every run starts and stops its own Ray).
+_session: KeptActors | None = None
+
+
+@contextlib.contextmanager
+def warm_session(*, verbose: bool = False, address: str = "") -> Iterator[KeptActors]:
+    """Keep one Ray and its site workers for the runs made within (a sweep, or a run and its baselines).
+
+    Ray starts once (importing the federation core meanwhile); each run's site actors
+    are the previous run's, reset by :func:`reset_site_worker`, with torch, MONAI,
+    Opacus and the ClientApp already imported. Every run is otherwise as isolated as
+    a cold one: a new Flower run (link state, node contexts, run id), a fresh model
+    and strategy in the ServerApp, and each site's accountant, ledger and replay state
+    in that run's folder. On leaving, the workers end and Ray stops (a cluster,
+    ``address``, is only disconnected from).
+
+    Yields:
+        How often the session built new workers and reused kept ones.
+    """
+    global _session  # noqa: PLW0603 - one session per process, read by run_engine
+    if _session is not None:
+        yield _session  # already inside one: the outer session keeps Ray
+        return
+    from simulations.harness import CORE_MODULES  # noqa: PLC0415 - harness imports this module
+
+    start_ray(verbose=verbose, preload=CORE_MODULES, address=address)
+    try:
+        with keep_site_actors(on_reuse=reset_site_worker) as kept:
+            _session = kept
+            try:
+                yield kept
+            finally:
+                _session = None
+    finally:
+        stop_ray()  # the session is closed: this stops Ray
 
 
 def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
@@ -226,4 +286,4 @@ def run_engine(config: ExperimentConfig, *, verbose: bool = False) -> None:
                 verbose=verbose,
             )
         finally:
-            stop_ray()
+            stop_ray()  # not within a warm session, which keeps Ray for its next run

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from federation.config import ConfigError, ExperimentConfig
 from server.run_dir import CONFIG_FILE, SUMMARY_FILE
+from simulations.engine import warm_session
 from simulations.harness import resolve_config, simulate
 from simulations.sweep_spec import (  # noqa: F401  (the spec and collection, re-exported for callers)
     NO_DP,
@@ -83,25 +84,44 @@ def run_sweep(
     out_dir: str | None = None,
     on_run: Callable[[SweepRun, str], None] | None = None,
     verbose: bool = False,
+    warm: bool = True,
 ) -> Path:
     """Run every missing run of the sweep, then write its comparison.
+
+    The runs share one warm session (:func:`simulations.engine.warm_session`): one
+    Ray, and site workers kept from run to run with their imports done, each run
+    as isolated as a cold one (tests/test_warm_sweep.py). Runs whose configs name
+    different Ray clusters (``simulation.ray_address``) each start their own.
 
     Args:
         spec: The sweep.
         out_dir: Override of the preset's ``out_dir``.
         on_run: Called with each run and ``"skipped"``, ``"running"``, ``"resuming"`` or ``"done"``.
         verbose: Show Flower's and Ray's logs.
+        warm: Share one warm session between the runs (False: each run starts and stops Ray and its workers).
 
     Returns:
         The sweep directory.
     """
     from simulations.sweep_report import write_sweep_report
 
-    validate_sweep(spec)
+    configs = validate_sweep(spec)
     root = sweep_dir(spec, out_dir)
     (root / "runs").mkdir(parents=True, exist_ok=True)
     (root / "sweep.yaml").write_text(spec.path.read_text())
-    notify = on_run or (lambda run, status: None)
+    addresses = {config.simulation.ray_address for config in configs}
+    pending = any(not (root / "runs" / run.run_id / SUMMARY_FILE).is_file() for run in expand(spec))
+    if warm and pending and len(addresses) == 1:
+        with warm_session(verbose=verbose, address=addresses.pop()):
+            _run_all(spec, root, on_run or (lambda run, status: None), verbose=verbose)
+    else:  # nothing to run, runs on different Ray clusters, or warm=False: each run starts its own Ray
+        _run_all(spec, root, on_run or (lambda run, status: None), verbose=verbose)
+    write_sweep_report(spec, root)
+    return root
+
+
+def _run_all(spec: SweepSpec, root: Path, notify: Callable[[SweepRun, str], None], *, verbose: bool) -> None:
+    """Run (or resume) each missing run of the sweep and its baselines, in order."""
     for run in expand(spec):
         run_path = root / "runs" / run.run_id
         earlier = failure_reason(run_path)
@@ -124,8 +144,6 @@ def run_sweep(
 
             run_baselines(resolve_config(resume=str(run_path)), run_dir=run_path)
         notify(run, "done")
-    write_sweep_report(spec, root)
-    return root
 
 
 def _move_aside(run_path: Path) -> Path:
