@@ -74,7 +74,7 @@ def check_command(
     ] = None,
 ) -> None:
     """Check a site's DICOM files (or its PACS cohort) against its labels; exit 1 when nothing usable remains."""
-    from federation.data.dicom import check_site, render_site_report  # noqa: PLC0415 - torch: only when used
+    from federation.data.dicom import DicomReadOptions, check_site, render_site_report  # noqa: PLC0415
 
     if frames not in ("first", "middle", "all"):
         _fail(f"--frames must be first, middle or all, not {frames!r}")
@@ -91,17 +91,10 @@ def check_command(
         return
     names = _split_csv([label_names]) or None
     try:
-        report = check_site(
-            data_dir,
-            labels,
-            key_column=key_column,
-            label_column=label_column,
-            modalities=_split_csv(modality),
-            label_names=names,
-            frames=frames,  # type: ignore[arg-type]
-            decode=not headers_only,
-            cache_dir=cache_dir,
-        )
+        options = DicomReadOptions(key_column=key_column, label_column=label_column,
+                                   modalities=tuple(_split_csv(modality)), label_names=tuple(names or ()),
+                                   frames=frames, cache_dir=cache_dir)  # type: ignore[arg-type]
+        report = check_site(data_dir, labels, options=options, decode=not headers_only)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         _fail(str(exc))
         return

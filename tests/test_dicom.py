@@ -31,6 +31,7 @@ from client.site_cli import site_app
 from federation.config.schema import DataConfig
 from federation.data.dicom import (
     INDEX_FILENAME,
+    DicomReadOptions,
     Reason,
     build_index,
     check_site,
@@ -217,7 +218,7 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path, no_j2k_decoder: 
     rows.append(("1.2.3.4.5.404", "CT"))
     labels = _labels(site / "labels.csv", rows)
 
-    report = check_site(site, labels, modalities=["ct", "MR"])
+    report = check_site(site, labels, options=DicomReadOptions(modalities=["ct", "MR"]))
     reasons = _reasons(report)
     assert reasons == {
         "truncated.dcm": Reason.TRUNCATED,
@@ -238,7 +239,8 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path, no_j2k_decoder: 
     assert set(report.manufacturers) == {"GE MEDICAL SYSTEMS", "TOSHIBA_MEC"}
     assert json.loads(json.dumps(report.to_dict()))["reason_counts"]["not_dicom"] == 2
 
-    images, y, loaded = load_dicom_site(site, labels, image_size=32, modalities=["CT", "MR"])
+    images, y, loaded = load_dicom_site(site, labels, image_size=32,
+                                        options=DicomReadOptions(modalities=["CT", "MR"]))
     assert images.shape == (2, 1, 32, 32) and images.dtype == np.float32 and y.dtype == np.int64
     assert 0.0 <= images.min() and images.max() <= 1.0
     assert sorted(y.tolist()) == [0, 1] and _reasons(loaded) == reasons
@@ -274,14 +276,14 @@ def test_duplicates_and_bad_labels_keyed_by_path(tmp_path: Path) -> None:
     rows = [("a.dcm", "pneumonia"), ("./b.dcm", "normal"), ("c.dcm", "normal"), ("c.dcm", "pneumonia"),
             ("d.dcm", "tumour"), ("e.dcm", "")]
     labels = _labels(tmp_path / "labels.csv", rows, header=("Path", "Finding"))
-    report = check_site(tmp_path, labels, key_column="path", label_column="finding",
-                        label_names=["normal", "pneumonia"])
+    report = check_site(tmp_path, labels, options=DicomReadOptions(key_column="path", label_column="finding",
+                                                                   label_names=["normal", "pneumonia"]))
     assert _reasons(report) == {
         "b.dcm": Reason.DUPLICATE, "c.dcm": Reason.BAD_LABEL, "d.dcm": Reason.BAD_LABEL, "e.dcm": Reason.UNLABELED,
     }
     assert report.label_counts == {"normal": 0, "pneumonia": 1}
     with pytest.raises(ValueError, match="no label column"):
-        check_site(tmp_path, labels, key_column="path", label_column="diagnosis")
+        check_site(tmp_path, labels, options=DicomReadOptions(key_column="path", label_column="diagnosis"))
 
 
 # --------------------------------------------------------------------------- index cache
@@ -422,7 +424,7 @@ def test_pydicom_test_corpus_never_crashes(tmp_path: Path) -> None:
         pytest.skip("pydicom's bundled test files are not installed")
     paths = [r.path for r in build_index(corpus, use_cache=False).records]
     labels = _labels(tmp_path / "labels.csv", [(p, str(i % 2)) for i, p in enumerate(paths)], header=("path", "label"))
-    report = check_site(corpus, labels, key_column="path", cache_dir=tmp_path / "cache")
+    report = check_site(corpus, labels, options=DicomReadOptions(key_column="path", cache_dir=tmp_path / "cache"))
     assert report.usable + len(report.quarantined) == report.files_scanned == len(paths)
     assert report.usable > 20 and not (corpus / INDEX_FILENAME).exists()
     reasons = _reasons(report)

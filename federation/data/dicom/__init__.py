@@ -5,7 +5,8 @@ Public API:
 * :func:`check_site` -> :class:`SiteReport` (with :class:`QuarantinedFile` /
   :class:`Reason`), rendered by :func:`render_site_report`.
 * :func:`load_dicom_site` - usable labelled images as ``float32 (N, C, H, W)`` in ``[0, 1]``;
-  :func:`load_site_sample_set` also gives sex/age per sample (:class:`SiteSamples`).
+  :func:`load_site_sample_set` also gives sex/age per sample (:class:`SiteSamples`); how files are
+  selected and read is one :class:`DicomReadOptions` for all of them.
 * :func:`load_dicom_splits` - the dataset-registry loader (settings: :class:`DicomSettings`).
 * :func:`build_index` - the cached header index (:class:`SiteIndex`, :class:`FileRecord`).
 * :func:`read_image`, :func:`decoder_problem` - one file's pixels; missing decoders.
@@ -33,6 +34,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         ),
         "federation.data.dicom.loader": (
             "SEX_CODES",
+            "DicomReadOptions",
             "SiteItem",
             "SiteSamples",
             "check_site",

@@ -16,7 +16,7 @@ import numpy as np
 
 from federation.data.dicom.confine import site_salt
 from federation.data.dicom.labels import DEFAULT_KEY_COLUMN, DEFAULT_LABEL_COLUMN, DEFAULT_LABELS_NAME
-from federation.data.dicom.loader import load_site_sample_set
+from federation.data.dicom.loader import DicomReadOptions, load_site_sample_set
 from federation.data.dicom.reader import Frames, Normalize
 from federation.data.registry import DataMismatch, DatasetInfo, DatasetSplits, register_dataset, stratified_subset
 
@@ -72,6 +72,14 @@ class DicomSettings:
                 raw = getattr(config, key)
                 values[f.name] = _csv(raw) if f.name in ("modalities", "label_names") else raw
         return cls(**values)
+
+    def read_options(self, *, patient_salt: bytes = b"") -> DicomReadOptions:
+        """The loader's :class:`DicomReadOptions` of these settings (``patient_salt``: the site's secret)."""
+        return DicomReadOptions(
+            key_column=self.key_column, label_column=self.label_column, modalities=self.modalities,
+            label_names=self.label_names, frames=self.frames, cache_dir=self.cache_dir or None,
+            channels=self.channels, normalize=self.normalize, patient_salt=patient_salt,
+        )
 
 
 def split_by_group(
@@ -131,20 +139,9 @@ def load_dicom_splits(*, config: Any, data_dir: Path, seed: int) -> DatasetSplit
     labels_csv = Path(settings.labels).expanduser()
     if not labels_csv.is_absolute():
         labels_csv = Path(data_dir) / labels_csv
-    samples = load_site_sample_set(
-        data_dir,
-        labels_csv,
-        image_size=int(config.image_size),
-        key_column=settings.key_column,
-        label_column=settings.label_column,
-        modalities=settings.modalities,
-        frames=settings.frames,
-        cache_dir=settings.cache_dir or None,
-        label_names=settings.label_names or None,
-        channels=settings.channels,
-        normalize=settings.normalize,
-        patient_salt=site_salt(settings.patient_salt_file) if settings.patient_salt_file else b"",
-    )
+    salt = site_salt(settings.patient_salt_file) if settings.patient_salt_file else b""
+    samples = load_site_sample_set(data_dir, labels_csv, image_size=int(config.image_size),
+                                   options=settings.read_options(patient_salt=salt))
     images, labels, groups, report = samples.images, samples.labels, samples.groups, samples.report
     if report.quarantined:
         logger.warning("site %s: %d files/rows quarantined %s (see `medfed site check`)",

@@ -45,6 +45,42 @@ DEFAULT_WORKERS = 4
 """Threads decoding pixel data (pydicom and numpy release the GIL for much of it)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class DicomReadOptions:
+    """How a site folder's DICOM files are selected and read: one object for :func:`check_site`,
+    :func:`load_dicom_site`, :func:`load_site_samples` and :func:`load_site_sample_set`.
+
+    Attributes:
+        key_column: CSV column with each image's SOP Instance UID or relative path.
+        label_column: CSV column with the class.
+        modalities: Allowed Modality values (empty: all).
+        label_names: Class names in index order (empty: inferred from the CSV).
+        frames: ``"first"``, ``"middle"`` or ``"all"`` frames of multi-frame images
+            (each frame a sample with the image's label).
+        cache_dir: Where the header index is cached (``None``: inside the data folder).
+        channels: 1 or 3 output channels; 0 picks the majority of the usable images
+            and converts the rest (gray repeated, colour to luma).
+        normalize: Display-value scaling, see :func:`federation.data.dicom.read_image`.
+        workers: Decoding threads.
+        patient_salt: Keys the PatientID hashes (the split groups) with the site's secret
+            (:func:`federation.data.dicom.confine.site_salt`); empty keeps the plain hash.
+    """
+
+    key_column: str = DEFAULT_KEY_COLUMN
+    label_column: str = DEFAULT_LABEL_COLUMN
+    modalities: Collection[str] = ()
+    label_names: Sequence[str] = ()
+    frames: Frames = "first"
+    cache_dir: str | os.PathLike[str] | None = None
+    channels: int = 0
+    normalize: Normalize = "auto"
+    workers: int = DEFAULT_WORKERS
+    patient_salt: bytes = b""
+
+
+_DEFAULTS = DicomReadOptions()
+
+
 @dataclass(frozen=True)
 class SiteItem:
     """A usable image: its index record and class index."""
@@ -161,24 +197,15 @@ def select_usable(
     return items, quarantined
 
 
-def _select(
-    data_dir: str | os.PathLike[str],
-    labels_csv: str | os.PathLike[str] | None,
-    *,
-    key_column: str,
-    label_column: str,
-    modalities: Collection[str] | None,
-    label_names: Sequence[str] | None,
-    cache_dir: str | os.PathLike[str] | None,
-    use_cache: bool = True,
-    patient_salt: bytes = b"",
-) -> _Selection:
+def _select(data_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None, *,
+            options: DicomReadOptions, use_cache: bool = True) -> _Selection:
     root = Path(data_dir).expanduser().resolve()
     csv_path = _labels_path(root, labels_csv)
-    table = read_labels(csv_path, key_column=key_column, label_column=label_column, label_names=label_names)
-    index = build_index(root, cache_dir=cache_dir, use_cache=use_cache, exclude=(csv_path,),
-                        patient_salt=patient_salt)
-    items, quarantined = select_usable(index, table, modalities=modalities)
+    table = read_labels(csv_path, key_column=options.key_column, label_column=options.label_column,
+                        label_names=options.label_names or None)
+    index = build_index(root, cache_dir=options.cache_dir, use_cache=use_cache, exclude=(csv_path,),
+                        patient_salt=options.patient_salt)
+    items, quarantined = select_usable(index, table, modalities=options.modalities or None)
     return _Selection(index=index, table=table, items=items, quarantined=quarantined)
 
 
@@ -250,14 +277,8 @@ def check_site(
     data_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
     *,
-    key_column: str = DEFAULT_KEY_COLUMN,
-    label_column: str = DEFAULT_LABEL_COLUMN,
-    modalities: Collection[str] | None = None,
-    label_names: Sequence[str] | None = None,
-    frames: Frames = "first",
+    options: DicomReadOptions = _DEFAULTS,
     decode: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-    workers: int = DEFAULT_WORKERS,
 ) -> SiteReport:
     """Check a hospital's DICOM folder against its labels CSV; never raises for bad files.
 
@@ -265,15 +286,10 @@ def check_site(
         data_dir: The site folder (searched recursively).
         labels_csv: The labels CSV; ``None`` means ``<data_dir>/labels.csv``. A relative
             path that does not exist from the working directory is tried inside ``data_dir``.
-        key_column: CSV column with each image's SOP Instance UID or relative path.
-        label_column: CSV column with the class.
-        modalities: Allowed Modality values; ``None`` or empty allows all.
-        label_names: Class names in index order (default: inferred from the CSV).
-        frames: Frames per multi-frame image that become samples (for the sample count).
+        options: How the files are selected and read (its ``frames`` gives the sample count;
+            ``channels`` and ``normalize`` do not apply).
         decode: Also decode every usable image's pixel data (catches corrupt
             compressed data); ``False`` checks headers only.
-        cache_dir: Where the header index is cached (default: inside ``data_dir``).
-        workers: Decoding threads.
 
     Returns:
         The :class:`SiteReport`; ``report.ok`` is false when nothing usable remains.
@@ -283,15 +299,14 @@ def check_site(
         NotADirectoryError: ``data_dir`` is not a folder.
         ValueError: A CSV column is missing or fewer than two classes are known.
     """
-    sel = _select(data_dir, labels_csv, key_column=key_column, label_column=label_column,
-                  modalities=modalities, label_names=label_names, cache_dir=cache_dir)
+    sel = _select(data_dir, labels_csv, options=options)
     failed: list[QuarantinedFile] = []
     items = sel.items
     if decode and items:
-        ok, failed = _decode_all(sel.index.data_dir, items, frames=frames, normalize="auto",
-                                 workers=workers, handle=lambda pos, img: None)
+        ok, failed = _decode_all(sel.index.data_dir, items, frames=options.frames, normalize="auto",
+                                 workers=options.workers, handle=lambda pos, img: None)
         items = [items[i] for i in ok]
-    samples = sum(len(frame_indices(item.record.frames, frames)) for item in items)
+    samples = sum(len(frame_indices(item.record.frames, options.frames)) for item in items)
     report = _report(sel, items, failed, samples=samples, pixels_checked=decode)
     logger.info("site %s: %d usable, %d quarantined", report.data_dir, report.usable, len(report.quarantined))
     return report
@@ -338,7 +353,9 @@ class SiteSamples:
 def load_site_samples(
     data_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
-    **kwargs: Any,
+    *,
+    image_size: int,
+    options: DicomReadOptions = _DEFAULTS,
 ) -> tuple[np.ndarray, np.ndarray, list[str], SiteReport]:
     """Like :func:`load_dicom_site`, also returning each sample's split group.
 
@@ -347,7 +364,7 @@ def load_site_samples(
         study UID or file path of sample ``i``. :func:`load_site_sample_set` also
         gives the subgroup attributes.
     """
-    samples = load_site_sample_set(data_dir, labels_csv, **kwargs)
+    samples = load_site_sample_set(data_dir, labels_csv, image_size=image_size, options=options)
     return samples.images, samples.labels, samples.groups, samples.report
 
 
@@ -356,26 +373,13 @@ def load_site_sample_set(
     labels_csv: str | os.PathLike[str] | None = None,
     *,
     image_size: int,
-    key_column: str = DEFAULT_KEY_COLUMN,
-    label_column: str = DEFAULT_LABEL_COLUMN,
-    modalities: Collection[str] | None = None,
-    frames: Frames = "first",
-    cache_dir: str | os.PathLike[str] | None = None,
-    label_names: Sequence[str] | None = None,
-    channels: int = 0,
-    normalize: Normalize = "auto",
-    workers: int = DEFAULT_WORKERS,
-    patient_salt: bytes = b"",
+    options: DicomReadOptions = _DEFAULTS,
 ) -> SiteSamples:
-    """Load every usable labelled image with its split group and sex/age (see :func:`load_dicom_site`).
-
-    ``patient_salt`` keys the PatientID hashes (the split groups) with the site's secret
-    (:func:`federation.data.dicom.confine.site_salt`); empty keeps the plain hash.
-    """
-    sel = _select(data_dir, labels_csv, key_column=key_column, label_column=label_column,
-                  modalities=modalities, label_names=label_names, cache_dir=cache_dir, patient_salt=patient_salt)
+    """Load every usable labelled image with its split group and sex/age (see :func:`load_dicom_site`)."""
+    sel = _select(data_dir, labels_csv, options=options)
     items = sel.items
-    chans = _choose_channels(items, channels)
+    frames = options.frames
+    chans = _choose_channels(items, options.channels)
     counts = [len(frame_indices(it.record.frames, frames)) for it in items]
     starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
     images = np.zeros((int(starts[-1]), chans, image_size, image_size), dtype=np.float32)
@@ -387,8 +391,8 @@ def load_site_sample_set(
         images[start : start + n] = img[:n]
         filled[start : start + n] = True
 
-    ok, failed = _decode_all(sel.index.data_dir, items, frames=frames, normalize=normalize,
-                             workers=workers, handle=handle)
+    ok, failed = _decode_all(sel.index.data_dir, items, frames=frames, normalize=options.normalize,
+                             workers=options.workers, handle=handle)
     used = [items[i] for i in ok]
 
     def per_sample(values: Sequence[Any], dtype: Any) -> np.ndarray:
@@ -418,15 +422,7 @@ def load_dicom_site(
     labels_csv: str | os.PathLike[str] | None = None,
     *,
     image_size: int,
-    key_column: str = DEFAULT_KEY_COLUMN,
-    label_column: str = DEFAULT_LABEL_COLUMN,
-    modalities: Collection[str] | None = None,
-    frames: Frames = "first",
-    cache_dir: str | os.PathLike[str] | None = None,
-    label_names: Sequence[str] | None = None,
-    channels: int = 0,
-    normalize: Normalize = "auto",
-    workers: int = DEFAULT_WORKERS,
+    options: DicomReadOptions = _DEFAULTS,
 ) -> tuple[np.ndarray, np.ndarray, SiteReport]:
     """Load every usable labelled image of a site, resized and scaled to ``[0, 1]``.
 
@@ -436,17 +432,7 @@ def load_dicom_site(
         data_dir: The site folder.
         labels_csv: The labels CSV (``None``: ``<data_dir>/labels.csv``).
         image_size: Output side length.
-        key_column: CSV column with SOP Instance UID or relative path.
-        label_column: CSV column with the class.
-        modalities: Allowed Modality values (``None``/empty: all).
-        frames: ``"first"``, ``"middle"`` or ``"all"`` frames of multi-frame images
-            (each frame a sample with the image's label).
-        cache_dir: Where the header index is cached (default: inside ``data_dir``).
-        label_names: Class names in index order (default: inferred from the CSV).
-        channels: 1 or 3 output channels; 0 picks the majority of the usable images
-            and converts the rest (gray repeated, colour to luma).
-        normalize: Display-value scaling, see :func:`federation.data.dicom.read_image`.
-        workers: Decoding threads.
+        options: How the files are selected and read (:class:`DicomReadOptions`).
 
     Returns:
         ``(images float32 (N, C, H, W), labels int64 (N,), report)``.
@@ -456,9 +442,5 @@ def load_dicom_site(
         NotADirectoryError: ``data_dir`` is not a folder.
         ValueError: A CSV column is missing or fewer than two classes are known.
     """
-    images, labels, _, report = load_site_samples(
-        data_dir, labels_csv, image_size=image_size, key_column=key_column, label_column=label_column,
-        modalities=modalities, frames=frames, cache_dir=cache_dir, label_names=label_names,
-        channels=channels, normalize=normalize, workers=workers,
-    )
+    images, labels, _, report = load_site_samples(data_dir, labels_csv, image_size=image_size, options=options)
     return images, labels, report
