@@ -178,6 +178,12 @@ def write_clinical_report(
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
+    if config.data.task == "segmentation":  # per-structure Dice/HD95/volume tables instead of a classifier's rates
+        from server.segmentation_report import write_segmentation_report  # noqa: PLC0415
+
+        return write_segmentation_report(run, out=run / CLINICAL_DIR, report_name=REPORT_FILE,
+                                         gallery=(GALLERY_DIR, GALLERY_INDEX), dataset=config.data.dataset,
+                                         redraw_plots=redraw_plots)
     settings = ClinicalSettings.from_config(config.clinical)
     rows = latest_site_rows(run)
     summary = fairness_summary({s: r["metrics"] for s, r in rows.items()}, confidence=settings.confidence,

@@ -27,7 +27,6 @@ from federation.inference.export import EXPORT_DIR, ExportedModel, export_model
 from federation.inference.preprocess import Preprocessing
 from federation.metrics.clinical import ClinicalSettings
 from federation.models import build_model, count_parameters
-from federation.tasks import get_task
 from server.clinical_report import (
     CLINICAL_DIR,
     FAIRNESS_FILE,
@@ -49,6 +48,10 @@ PACKAGES = ("medfed", "torch", "monai", "opacus", "flwr", "numpy", "scikit-learn
 INTENDED_USE = (
     "Research on federated learning for medical image classification: comparing strategies, privacy "
     "settings and per-site/subgroup behaviour on the data named below."
+)
+INTENDED_USE_SEGMENTATION = (
+    "Research on federated learning for medical image segmentation: comparing strategies, privacy settings "
+    "and per-site/per-structure behaviour (Dice, HD95, volume error) on the data named below."
 )
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. This model is not a medical device, has not been clinically validated and must "
@@ -148,12 +151,18 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
     facts = _dataset_facts(config)
     labels = meta.get("label_names") or facts["label_names"] or []
     config_text = to_yaml(config)
+    segmentation = None
+    if config.data.task == "segmentation":  # aggregates as the sites sent them, per structure
+        from server.segmentation_report import segmentation_summary  # noqa: PLC0415
+
+        segmentation = segmentation_summary(evaluate, label_names=list(labels))
     return {
         "model_card_version": 1,
         "run": run_dir.name,
-        "intended_use": INTENDED_USE,
+        "intended_use": INTENDED_USE_SEGMENTATION if segmentation is not None else INTENDED_USE,
         "notice": NOT_FOR_CLINICAL_USE,
-        "task": {"dataset": config.data.dataset, "labels": labels, "num_classes": meta.get("num_classes"),
+        "task": {"dataset": config.data.dataset, "kind": config.data.task, "labels": labels,
+                 "num_classes": meta.get("num_classes"),
                  "positive_class": config.clinical.positive_class, "threshold": config.clinical.threshold},
         "architecture": {**config.model.model_dump(), "parameters": (meta.get("model") or {}).get("parameters"),
                          "input": (meta.get("input") or {}).get("shape"), "output": meta.get("output")},
@@ -171,7 +180,7 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
         "metrics": {"global_final": summary.get("final_global"), "per_site": fairness.get("sites", {}),
                     "across_sites": fairness.get("across_sites"), "pooled": fairness.get("pooled"),
                     "subgroups": fairness.get("subgroups"), "subgroup_gaps": fairness.get("subgroup_gaps"),
-                    "clinical_settings": fairness.get("settings")},
+                    "clinical_settings": fairness.get("settings"), "segmentation": segmentation},
         "dataset_checksums": {"md5": facts["md5"], "note": "MD5 of the dataset file (MedMNIST); none for generated "
                               "(synthetic, seeded) or hospital (DICOM) data, or when the coordinator holds no data"},
         "software": {"versions": _versions(), "git_commit": _git_commit()},
@@ -222,8 +231,9 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         f"# Model card — medfed run `{card['run']}`", "", f"> **{card['notice']}**", "",
         "## Intended use", "", card["intended_use"], "",
         "## Task and labels", "",
-        f"Dataset `{t['dataset']}`; classes: {classes}. Positive class {t['positive_class']}, "
-        f"operating point P(positive) ≥ {t['threshold']}.", "",
+        f"Dataset `{t['dataset']}`; classes: {classes}. " + (
+            "Segmentation: one class per pixel/voxel (arg-max of the probabilities)." if t.get("kind") == "segmentation"
+            else f"Positive class {t['positive_class']}, operating point P(positive) ≥ {t['threshold']}."), "",
         "## Model and preprocessing", "",
         f"`{a['name']}` (width {a['width']}, {a['norm']} norm, dropout {a['dropout']}), {a['parameters']} "
         f"parameters; input {a['input']}; output: {a['output']}.", "",
@@ -246,6 +256,8 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         lines += [f"| {s} | {_num(v['epsilon'])} | {v['delta']} | {v['round']} |"
                   for s, v in sorted(p["final_per_site"].items())]
     m = card["metrics"]
+    if m.get("segmentation") is not None:
+        return "\n".join(lines + _segmentation_evaluation(card, config_yaml))
     lines += ["", "## Evaluation (site test splits; aggregates only)", "",
               "| site | n | AUC | sensitivity | specificity | accuracy | ECE | Brier |",
               "|---|---|---|---|---|---|---|---|"]
@@ -272,6 +284,20 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         "", f"Exact config (SHA-256 {card['config_sha256']}):", "", "```yaml", config_yaml.rstrip(), "```", "",
     ]
     return "\n".join(lines)
+
+
+def _segmentation_evaluation(card: dict[str, Any], config_yaml: str) -> list[str]:
+    """The card's evaluation and provenance sections of a segmentation run."""
+    from server.segmentation_report import card_lines  # noqa: PLC0415
+
+    final = card["metrics"]["global_final"] or {}
+    shown = ", ".join(f"{k} {_num(v)}" for k, v in final.items() if k == "loss" or k.startswith("dice"))
+    return ["", "## Evaluation (site test cases; aggregates only)", "", *card_lines(card["metrics"]["segmentation"]),
+            "", f"Full report with HD95 and volume error per structure: `{CLINICAL_DIR}/{REPORT_FILE}`. Final global "
+            f"metrics (central evaluation on the pooled test split): {shown or na('no central evaluation')}.", "",
+            "## Provenance", "", f"medfed {card['software']['versions'].get('medfed')}, git "
+            f"{card['software']['git_commit'] or 'unknown'}.", "",
+            f"Exact config (SHA-256 {card['config_sha256']}):", "", "```yaml", config_yaml.rstrip(), "```", ""]
 
 
 def write_model_card(run_dir: Path, config: ExperimentConfig) -> tuple[Path, Path]:
@@ -314,11 +340,6 @@ def finish_run(run_dir: str | os.PathLike[str], config: ExperimentConfig | None 
         return None if exported is None else exported.directory
 
     outputs.produce(EXPORT_OUTPUT, export)  # segmentation too: `medfed predict` writes its masks
-    skipped = get_task(config.data.task).reports_skipped_reason  # segmentation: not adapted yet
-    if skipped is not None:
-        for name in (REPORT_OUTPUT, CARD_OUTPUT):
-            outputs.skip(name, skipped)
-        return outputs
     outputs.produce(REPORT_OUTPUT, lambda: write_clinical_report(run, config=config))
     outputs.produce(CARD_OUTPUT, lambda: list(write_model_card(run, config)))
     return outputs

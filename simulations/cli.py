@@ -21,9 +21,9 @@ from federation.config import ConfigError, to_yaml, valid_keys
 from federation.console import console, fail
 from federation.tasks import get_task
 from server.run_outputs import RunOutputs
-from simulations.clinical_cli import GALLERY_OUTPUT, announce_outputs, simulation_gallery
+from simulations.clinical_cli import announce_outputs, simulation_gallery
 from simulations.harness import PRESETS_DIR, resolve_config, run_dir_of, simulate, start_simulation
-from simulations.research_cli import after_simulate
+from simulations.research_cli import after_simulate, run_baselines_only
 from simulations.report import round_table, write_plots
 from simulations.sweep_spec import failure_reason
 
@@ -113,12 +113,13 @@ def simulate_command(
     # the ServerApp recorded the export, clinical report and model card in outputs.json; the harness's own follow
     outputs = RunOutputs.load(run_dir)
     plots = outputs.produce("plots", lambda: write_plots(run_dir))
-    skipped = get_task(resolved.data.task).reports_skipped_reason  # segmentation: not adapted yet
+    skipped = get_task(resolved.data.task).reports_skipped_reason  # segmentation: no research report yet
+    simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
     if skipped is not None:
-        outputs.skip(GALLERY_OUTPUT, skipped)
         outputs.skip("research report", skipped)
+        if baselines:  # pooled vs local-only vs federated, compared by the task's metric (Dice)
+            outputs.produce("baselines", lambda: run_baselines_only(run_dir))
     else:
-        simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
         outputs.produce("research report", lambda: after_simulate(run_dir, baselines=baselines, plots=plots))
     console.print(f"[green]done[/] → {run_dir}")
     announce_outputs(outputs, exit_on_failure=False)  # only files that exist are named

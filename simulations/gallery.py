@@ -1,4 +1,9 @@
-"""Simulation-only explanation gallery: true/false positives/negatives of every simulated site.
+"""Simulation-only galleries: explanations of every simulated site's TP/FP/TN/FN, or its contours.
+
+A classification run gets explanation overlays of each site's most confident true/false
+positives/negatives; a segmentation run predicted (red, dashed) vs true (green) contours
+of a few test cases per site (:func:`write_contour_gallery`; volumes: the slice with
+the most true foreground).
 
 SIMULATION ONLY. The harness runs every simulated hospital on this machine, so it
 can read each site's test images and draw explanation overlays of them into the run
@@ -61,6 +66,8 @@ def write_gallery(
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
+    if config.data.task == "segmentation":
+        return write_contour_gallery(run, config=config)
     settings = ClinicalSettings.from_config(config.clinical)
     model, meta = load_run_model(run)
     if int(meta["preprocessing"].get("spatial_dims", 2)) != 2:
@@ -93,4 +100,94 @@ def write_gallery(
         (out / GALLERY_INDEX).write_text(json.dumps(entries, indent=2))
         write_clinical_report(run, config=config, redraw_plots=False)  # same records: plots as drawn
     logger.info("%s gallery: %d site(s) in %s", method, len(written), out)
+    return written
+
+
+CONTOUR_CASES = 3
+"""Test cases drawn per site in a segmentation run's gallery."""
+
+
+def _slice(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2-D views ``(H, W)``: the image itself, or a volume's slice (first axis) with the most true foreground."""
+    if truth.ndim == 2:
+        return image[0], truth, pred
+    k = int(np.argmax((truth > 0).reshape(truth.shape[0], -1).sum(axis=1)))
+    return image[0, k], truth[k], pred[k]
+
+
+def _case_dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean Dice over the foreground classes of the case's ground truth (NaN without foreground)."""
+    scores = [2 * np.sum((truth == c) & (pred == c)) / (np.sum(truth == c) + np.sum(pred == c))
+              for c in np.unique(truth) if c > 0]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _draw_contours(panels: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3), squeeze=False)
+    for ax, (image, truth, pred, caption) in zip(axes[0], panels):
+        ax.imshow(image, cmap="gray")
+        for c in np.unique(np.concatenate([np.unique(truth), np.unique(pred)])):
+            if c == 0:
+                continue
+            if np.any(truth == c):
+                ax.contour(truth == c, levels=[0.5], colors="lime", linewidths=1.0)
+            if np.any(pred == c):
+                ax.contour(pred == c, levels=[0.5], colors="red", linewidths=1.0, linestyles="dashed")
+        ax.set_title(caption, fontsize=8)
+        ax.axis("off")
+    handles = [Line2D([], [], color="lime", label="true"),
+               Line2D([], [], color="red", linestyle="--", label="predicted")]
+    fig.legend(handles=handles, loc="lower center", ncols=2, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_contour_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None) -> list[Path]:
+    """Predicted vs true contours of the first :data:`CONTOUR_CASES` test cases with foreground, per simulated site.
+
+    SIMULATION ONLY (module docstring). Needs the run's ``export/``. Writes
+    ``clinical/gallery/<site>.png`` and its ``index.json``, then rewrites the clinical report.
+
+    Returns:
+        The PNGs written (one per site with a foreground test case).
+    """
+    import torch
+
+    run = Path(run_dir)
+    config = config or load_config(run / CONFIG_FILE)
+    model, _ = load_run_model(run)
+    out = run / CLINICAL_DIR / GALLERY_DIR
+    entries: list[dict[str, Any]] = []
+    written: list[Path] = []
+    for index in range(config.data.num_sites):
+        data = load_site_data(config.data, seed=config.seed, site_index=index, num_sites=config.data.num_sites)
+        images, masks = data.test.tensors
+        chosen = [i for i in range(len(masks)) if bool(masks[i].any())][:CONTOUR_CASES]
+        if not chosen:
+            continue
+        with torch.no_grad():
+            pred = model(images[chosen]).argmax(dim=1).numpy()
+        panels = []
+        for i, p in zip(chosen, pred):
+            truth = masks[i].numpy()
+            panels.append((*_slice(images[i].numpy(), truth, p), f"test case {i}: Dice {_case_dice(truth, p):.3f}"))
+        written.append(_draw_contours(panels, out / f"{data.name}.png", f"{data.name} (simulation only)"))
+        entries.append({"site": data.name, "file": written[-1].name, "cases": chosen,
+                        "caption": f"first {len(chosen)} test case(s) with foreground: true (green) vs predicted "
+                                   "(red, dashed) contours" + ("; the slice with the most true foreground"
+                                                                if truth.ndim == 3 else "")})
+    if entries:
+        (out / GALLERY_INDEX).write_text(json.dumps(entries, indent=2))
+        write_clinical_report(run, config=config, redraw_plots=False)
+    logger.info("contour gallery: %d site(s) in %s", len(written), out)
     return written

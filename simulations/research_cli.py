@@ -35,6 +35,17 @@ def after_simulate(run_dir: Path, *, baselines: bool, plots: list[Path] | None =
     return write_run_report(run_dir, plots=plots)
 
 
+def run_baselines_only(run_dir: Path) -> Path:
+    """Train the baselines of a finished run and write ``baselines.md`` (a run without a research report)."""
+    from simulations.baselines import BASELINES_MD, run_baselines
+    from simulations.harness import resolve_config
+
+    console.print("training baselines (pooled, local-only) on the same data and model…")
+    run_baselines(resolve_config(resume=str(run_dir)), run_dir=run_dir)
+    console.print((run_dir / BASELINES_MD).read_text())
+    return run_dir / BASELINES_MD
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)

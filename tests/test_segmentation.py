@@ -171,11 +171,16 @@ def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]  # the initial model is evaluated too
     assert summary["best_global_dice"] == max(r["global"]["dice"] for r in rounds)
-    outputs = json.loads((run_dir / "outputs.json").read_text())  # classification reports: skipped, named why
-    assert outputs["clinical report"]["skipped"].startswith("not adapted to data.task=segmentation yet")
-    assert outputs["model card"]["ok"] and "reason" not in outputs["model card"]
-    assert outputs["exported model"]["ok"] and "skipped" not in outputs["exported model"]  # medfed predict's masks
+    outputs = json.loads((run_dir / "outputs.json").read_text())
+    for name in ("clinical report", "model card", "exported model"):  # segmentation versions, medfed predict's model
+        assert outputs[name]["ok"] and "skipped" not in outputs[name], name
     assert json.loads((run_dir / "export" / "model.json").read_text())["task"] == "segmentation"
+    report = (run_dir / "clinical" / "report.md").read_text()
+    assert "| site | round | cases | mean Dice [95% CI] | lesion Dice |" in report
+    from simulations.gallery import write_gallery  # simulation only: contours of each site's test cases
+
+    assert [p.name for p in write_gallery(run_dir)] == ["site-1.png", "site-2.png"]
+    assert "## Contour gallery (simulation only)" in (run_dir / "clinical" / "report.md").read_text()
     evaluated = [row for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
                  if row["phase"] == "evaluate"]
     assert {row["site"] for row in evaluated} == {"site-1", "site-2"}

@@ -22,10 +22,11 @@ class Task(ABC):
         name: The ``data.task`` value.
         headline: The metric that ranks rounds and runs (``auc``, ``dice``): summaries
             report ``best_global_<headline>``, plots and tables show it first.
-        clinical_reports: Whether the classification clinical report and model card
-            (:mod:`server.clinical_report`), the Grad-CAM gallery and the research
-            report apply to its runs; where not, they are skipped with
-            :attr:`reports_skipped_reason` (recorded, not a failure).
+        clinical_reports: Whether the research report (:mod:`simulations.research_report`,
+            a classifier's) applies to its runs; where not, it is skipped with
+            :attr:`reports_skipped_reason` (recorded, not a failure). The clinical report,
+            model card and simulation gallery have a segmentation version
+            (:mod:`server.segmentation_report`, :func:`simulations.gallery.write_contour_gallery`).
     """
 
     name: ClassVar[str] = ""
