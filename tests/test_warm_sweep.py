@@ -83,3 +83,56 @@ def test_a_run_in_a_warm_session_is_the_same_run_as_cold(tmp_path: Path) -> None
     b = torch.load(warm / "checkpoints" / "round-0001.pt", weights_only=False)["weights"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (cold / "export" / "model_state.pt").read_bytes() == (warm / "export" / "model_state.pt").read_bytes()
+
+
+def test_a_sweep_runs_its_pending_runs_in_one_warm_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from simulations import sweep, sweep_report
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def session(*, verbose: bool, address: str):  # noqa: ANN202
+        events.append(f"open {address!r}")
+        yield
+        events.append("close")
+
+    def fake_simulate(config: ExperimentConfig, *, verbose: bool) -> Path:
+        run = Path(config.server.out_dir) / config.server.run_name
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text('{"rounds_aggregated": 1}')
+        events.append(f"run {config.seed}")
+        return run
+
+    monkeypatch.setattr(sweep, "warm_session", session)
+    monkeypatch.setattr(sweep, "simulate", fake_simulate)
+    monkeypatch.setattr(sweep_report, "write_sweep_report", lambda spec, root: root)
+    preset = tmp_path / "two.yaml"
+    preset.write_text(f"name: two\nbase: synthetic\nset: [{', '.join(TINY)}]\nstrategies: [fedavg]\nseeds: [1, 2]\n")
+    spec = sweep.load_sweep(preset)
+    sweep.run_sweep(spec, out_dir=str(tmp_path))
+    assert events == ["open ''", "run 1", "run 2", "close"]
+    sweep.run_sweep(spec, out_dir=str(tmp_path))  # nothing left to run: no Ray started
+    sweep.run_sweep(spec, out_dir=str(tmp_path / "cold"), warm=False)
+    assert events == ["open ''", "run 1", "run 2", "close", "run 1", "run 2"]
+
+
+class _FakePool:
+    """What :class:`KeptActors` reads of Flower's actor pool."""
+
+    def __init__(self, *, cpus: int, idle: int, actors: int) -> None:
+        self.client_resources = {"num_cpus": cpus, "num_gpus": 0.0}
+        self.pool = [object() for _ in range(idle)]
+        self.num_actors = actors
+        self._future_to_actor: dict = {}
+
+
+@pytest.mark.parametrize(("cpus", "idle", "why"), [(2, 2, "other resources"), (1, 1, "a worker busy or lost")])
+def test_kept_workers_are_not_reused_for_other_resources_or_when_one_is_missing(cpus: int, idle: int, why: str) -> None:
+    from federation.flower_internals import KeptActors
+
+    kept = KeptActors(on_reuse=reset_site_worker)
+    kept.keep(_FakePool(cpus=cpus, idle=idle, actors=2))
+    assert kept.take({"num_cpus": 1, "num_gpus": 0.0}) is None, why  # the backend builds new workers
+    assert kept.pool is None and kept.reuses == 0
