@@ -118,7 +118,10 @@ class DimseClient:
                           get_remaining: bool = True) -> list[dict]:
         """Series of every study (study-level then series-level C-FIND) as DICOM JSON, like QIDO-RS."""
         del fields, get_remaining  # always the fields the cohort needs, always every match
-        studies = self.find("STUDY", {"StudyDate": _date_range(*self.study_date)}, fields=_STUDY_FIELDS)
+        study_filters = {"StudyDate": _date_range(*self.study_date)}
+        if (search_filters or {}).get("Modality"):  # only studies holding the modality, where the PACS matches it
+            study_filters["ModalitiesInStudy"] = search_filters["Modality"]
+        studies = self.find("STUDY", study_filters, fields=(*_STUDY_FIELDS, "ModalitiesInStudy"))
         answers = []
         for study in studies:
             series = self.find("SERIES", {"StudyInstanceUID": study.StudyInstanceUID, **(search_filters or {})},
