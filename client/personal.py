@@ -1,4 +1,4 @@
-"""Personalization at the site: FedBN-style local normalisation (``train.local_norm``).
+"""Personalization at the site: FedBN (``train.local_norm``), fine-tuning, and what Ditto keeps (client.ditto).
 
 With ``train.local_norm`` a site keeps its own normalisation layers (GroupNorm,
 InstanceNorm, frozen BatchNorm: their affine parameters and statistics, see
@@ -124,7 +124,8 @@ def check_local_kept(weights: Mapping[str, torch.Tensor], *, global_weights: Map
 
 
 PERSONAL_MODEL_FILE = "personal_model.pt"
-"""The site's fine-tuned model (``train.finetune_rounds``), in its run state folder; it never leaves."""
+"""The site's fine-tuned (``train.finetune_rounds``) or Ditto (``train.ditto_lambda``) model, in its run state
+folder; it never leaves."""
 
 
 def personal_state(global_weights: Mapping[str, torch.Tensor],
@@ -155,11 +156,6 @@ def save_personal_model(weights: Mapping[str, torch.Tensor], settings: SiteSetti
     torch.save({k: v.detach().cpu() for k, v in weights.items()}, tmp)
     os.replace(tmp, path)
     return path
-
-
-def personalized(config: ExperimentConfig) -> bool:
-    """Whether the run keeps anything at the sites (FedBN, fine-tuning, Ditto): personal-* metrics, guard."""
-    return bool(config.train.local_norm or config.train.finetune_rounds or config.train.ditto_lambda > 0)
 
 
 def planned_rounds(config: ExperimentConfig) -> int:
