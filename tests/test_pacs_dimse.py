@@ -59,9 +59,19 @@ def test_dimse_config_has_no_password_and_checks_its_block(tmp_path: Path) -> No
 
 
 def test_dimse_cohort_is_queried_retrieved_and_checked_like_dicomweb(
-        tmp_path: Path, orthanc: OrthancServer, pacs: dict) -> None:  # noqa: F811
+        tmp_path: Path, orthanc: OrthancServer, pacs: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from federation.data.dicom.dimse import DimseClient
     from federation.data.dicom.pacs import load_pacs_config, query_cohort, sync_cohort
     from federation.data.dicom.pacs_report import check_pacs_cohort
+
+    opened: list[str] = []
+    real_open = DimseClient._open
+
+    def counting_open(self: DimseClient, ae: object, **kwargs: object) -> object:
+        opened.append("get" if "evt_handlers" in kwargs else "find")
+        return real_open(self, ae, **kwargs)
+
+    monkeypatch.setattr(DimseClient, "_open", counting_open)
 
     config = load_pacs_config(_dimse_yaml(tmp_path, orthanc, pacs))
     found = query_cohort(config)  # study-level then series-level C-FIND
@@ -69,8 +79,10 @@ def test_dimse_cohort_is_queried_retrieved_and_checked_like_dicomweb(
     assert {s.modality for s in found} == {"CT"} and sorted(s.instances for s in found) == [3, 4, 4]
     assert {s.study_date for s in found} == {"20240312"} and {s.accession_number for s in found} == {
         "CTACC0", "CTACC1", "CTACC2"}
+    opened.clear()
     first = sync_cohort(config, cache_dir=tmp_path / "cache")  # C-GET
     assert (first.fetched, first.reused, first.removed) == (11, 0, 0)
+    assert opened.count("get") == 1  # the 11 C-GETs (one SOP class) share one association
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     originals = {pydicom.dcmread(f).SOPInstanceUID: f for files in pacs["ct"].values() for f in files}
     assert sorted(manifest) == sorted(originals)

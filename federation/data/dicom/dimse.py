@@ -36,6 +36,7 @@ _SERIES_FIELDS = ("SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDe
                   "NumberOfSeriesRelatedInstances")
 _STUDY_FIELDS = ("StudyInstanceUID", "StudyDate", "AccessionNumber")
 _SUCCESS, _PENDING = 0x0000, (0xFF00, 0xFF01)
+_MAX_STORAGE_CONTEXTS = 32  # storage SOP classes offered on one C-GET association (128 contexts at most)
 
 
 class DimseFailure(RuntimeError):
@@ -67,12 +68,15 @@ def _date_range(date_from: str, date_to: str) -> str:
 
 
 class DimseClient:
-    """C-FIND/C-GET/C-STORE against one PACS, one association per operation."""
+    """C-FIND/C-GET/C-STORE against one PACS: an association per query or store; the C-GETs of a
+    retrieval share one (opened again when a new SOP class comes up; :meth:`close` releases it)."""
 
     def __init__(self, settings: DimseSettings, *, study_date: tuple[str, str] = ("", "")) -> None:
         self.settings = settings
         self.study_date = study_date  # the cohort's date range, matched by the study-level C-FIND
         self._sop_classes: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, from the instance C-FIND
+        self._held: tuple[Any, frozenset[str]] | None = None  # the open C-GET association and its storage classes
+        self._received: list[Dataset] = []
 
     def _ae(self) -> Any:
         from pynetdicom import AE  # noqa: PLC0415
@@ -82,17 +86,27 @@ class DimseClient:
         ae.connection_timeout = min(self.settings.timeout_s, 10.0)
         return ae
 
-    @contextmanager
-    def _association(self, ae: Any, **kwargs: Any) -> Iterator[Any]:
+    def _open(self, ae: Any, **kwargs: Any) -> Any:
         assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_ae, **kwargs)
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r}")
             raise DimseFailure("unreachable", "no association")
+        return assoc
+
+    @contextmanager
+    def _association(self, ae: Any, **kwargs: Any) -> Iterator[Any]:
+        assoc = self._open(ae, **kwargs)
         try:
             yield assoc
         finally:
             assoc.release()
+
+    def close(self) -> None:
+        """Release the C-GET association, if one is open."""
+        held, self._held = self._held, None
+        if held is not None and held[0].is_established:
+            held[0].release()
 
     def find(self, level: str, query: dict[str, str], *, fields: Sequence[str]) -> list[Dataset]:
         """C-FIND (Study Root) at ``level``: matching identifiers with ``fields`` returned."""
@@ -145,36 +159,58 @@ class DimseClient:
     def retrieve_instance(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str,
                           *, media_types: Any = None) -> Dataset:
         """One instance by C-GET (the PACS sends it back over the same association)."""
-        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt  # noqa: PLC0415
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # noqa: PLC0415
 
         del media_types
         sop_class = self._sop_classes.get(sop_instance_uid) or self._sop_class(
             study_instance_uid, series_instance_uid, sop_instance_uid)
-        received: list[Dataset] = []
-
-        def on_store(event: Any) -> int:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            received.append(ds)
-            return _SUCCESS
-
-        ae = self._ae()
-        ae.add_requested_context(GET)
-        ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES)  # as the PACS stored it: no transcoding
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "IMAGE"
         identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study_instance_uid, series_instance_uid
         identifier.SOPInstanceUID = sop_instance_uid
-        with self._association(ae, ext_neg=[build_role(sop_class, scp_role=True)],
-                               evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-            for status, _ in assoc.send_c_get(identifier, GET):
-                code = _status(status)
-                if code not in _PENDING and code != _SUCCESS:
-                    raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} answered status 0x{code:04X}")
-        if len(received) != 1:
-            raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} returned {len(received)} instances")
-        return received[0]
+        for attempt in (1, 2):  # a held association the PACS dropped meanwhile is opened again, once
+            reused = self._held is not None
+            assoc, self._received = self._get_association(sop_class), []
+            try:
+                for status, _ in assoc.send_c_get(identifier, GET):
+                    code = _status(status)
+                    if code not in _PENDING and code != _SUCCESS:
+                        raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} answered status "
+                                                     f"0x{code:04X}")
+                break
+            except DimseFailure as failure:
+                self.close()
+                if failure.kind != "unreachable" or not reused or attempt == 2:
+                    raise
+        if len(self._received) != 1:
+            raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} returned {len(self._received)} "
+                                         "instances")
+        return self._received[0]
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self._received.append(ds)
+        return _SUCCESS
+
+    def _get_association(self, sop_class: str) -> Any:
+        """The held C-GET association if it can receive ``sop_class``, else a new one for every class seen."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt  # noqa: PLC0415
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # noqa: PLC0415
+
+        if self._held is not None and self._held[0].is_established and sop_class in self._held[1]:
+            return self._held[0]
+        self.close()
+        others = sorted({c for c in self._sop_classes.values() if c} - {sop_class})
+        classes = [sop_class, *others[:_MAX_STORAGE_CONTEXTS - 1]]
+        ae = self._ae()
+        ae.add_requested_context(GET)
+        for uid in classes:
+            ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)  # as the PACS stored it: no transcoding
+        assoc = self._open(ae, ext_neg=[build_role(uid, scp_role=True) for uid in classes],
+                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._held = (assoc, frozenset(classes))
+        return assoc
 
     def _sop_class(self, study: str, series: str, sop: str) -> str:
         self.search_for_instances(study, series)

@@ -412,9 +412,13 @@ def sync_cohort(config: PacsConfig, *, cache_dir: str | os.PathLike[str], labell
     cache.mkdir(parents=True, exist_ok=True)
     manifest = _load_manifest(cache)
     keep: set[str] = set()
-    for series in wanted:
-        keep |= _fetch_series(client, config, series, cache, manifest, result)
-        _save_manifest(cache, manifest)  # resumable: what is fetched stays known
+    try:
+        for series in wanted:
+            keep |= _fetch_series(client, config, series, cache, manifest, result)
+            _save_manifest(cache, manifest)  # resumable: what is fetched stays known
+    finally:
+        if isinstance(client, DimseClient):  # its C-GET association
+            client.close()
     for sop in sorted(set(manifest) - keep):
         (cache / manifest.pop(sop)["path"]).unlink(missing_ok=True)
         result.removed += 1
