@@ -72,13 +72,13 @@ def test_dimse_cohort_is_queried_retrieved_and_checked_like_dicomweb(
         return real_open(self, ae, **kwargs)
 
     monkeypatch.setattr(DimseClient, "_open", counting_open)
-
     config = load_pacs_config(_dimse_yaml(tmp_path, orthanc, pacs))
     found = query_cohort(config)  # study-level then series-level C-FIND
     assert sorted(s.series_instance_uid for s in found) == sorted(pacs["ct"])
     assert {s.modality for s in found} == {"CT"} and sorted(s.instances for s in found) == [3, 4, 4]
     assert {s.study_date for s in found} == {"20240312"} and {s.accession_number for s in found} == {
         "CTACC0", "CTACC1", "CTACC2"}
+    assert opened == ["find"]  # one association for the study-level and the 3 series-level C-FINDs
     opened.clear()
     first = sync_cohort(config, cache_dir=tmp_path / "cache")  # C-GET
     assert (first.fetched, first.reused, first.removed) == (11, 0, 0)

@@ -108,24 +108,35 @@ class DimseClient:
         if held is not None and held[0].is_established:
             held[0].release()
 
-    def find(self, level: str, query: dict[str, str], *, fields: Sequence[str]) -> list[Dataset]:
-        """C-FIND (Study Root) at ``level``: matching identifiers with ``fields`` returned."""
+    @contextmanager
+    def _find_association(self) -> Iterator[Any]:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # noqa: PLC0415
 
+        ae = self._ae()
+        ae.add_requested_context(FIND)
+        with self._association(ae) as assoc:
+            yield assoc
+
+    def find(self, level: str, query: dict[str, str], *, fields: Sequence[str], assoc: Any = None) -> list[Dataset]:
+        """C-FIND (Study Root) at ``level``: matching identifiers with ``fields`` returned.
+
+        ``assoc``: an open association with the C-FIND context (default: one for this query)."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # noqa: PLC0415
+
+        if assoc is None:
+            with self._find_association() as own:
+                return self.find(level, query, fields=fields, assoc=own)
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level
         for keyword in fields:
             setattr(identifier, keyword, query.get(keyword, ""))
-        ae = self._ae()
-        ae.add_requested_context(FIND)
         found = []
-        with self._association(ae) as assoc:
-            for status, answer in assoc.send_c_find(identifier, FIND):
-                code = _status(status)
-                if code in _PENDING and answer is not None:
-                    found.append(answer)
-                elif code != _SUCCESS:
-                    raise DimseFailure("status", f"C-FIND answered status 0x{code:04X}")
+        for status, answer in assoc.send_c_find(identifier, FIND):
+            code = _status(status)
+            if code in _PENDING and answer is not None:
+                found.append(answer)
+            elif code != _SUCCESS:
+                raise DimseFailure("status", f"C-FIND answered status 0x{code:04X}")
         return found
 
     def search_for_series(self, *, fields: Sequence[str] = (), search_filters: dict[str, str] | None = None,
@@ -135,15 +146,16 @@ class DimseClient:
         study_filters = {"StudyDate": _date_range(*self.study_date)}
         if (search_filters or {}).get("Modality"):  # only studies holding the modality, where the PACS matches it
             study_filters["ModalitiesInStudy"] = search_filters["Modality"]
-        studies = self.find("STUDY", study_filters, fields=(*_STUDY_FIELDS, "ModalitiesInStudy"))
         answers = []
-        for study in studies:
-            series = self.find("SERIES", {"StudyInstanceUID": study.StudyInstanceUID, **(search_filters or {})},
-                               fields=("StudyInstanceUID", *_SERIES_FIELDS))
-            for item in series:
-                for keyword in _STUDY_FIELDS:
-                    setattr(item, keyword, study.get(keyword, ""))
-                answers.append(item.to_json_dict())
+        with self._find_association() as assoc:  # one association for the study query and its series queries
+            studies = self.find("STUDY", study_filters, fields=(*_STUDY_FIELDS, "ModalitiesInStudy"), assoc=assoc)
+            for study in studies:
+                series = self.find("SERIES", {"StudyInstanceUID": study.StudyInstanceUID, **(search_filters or {})},
+                                   fields=("StudyInstanceUID", *_SERIES_FIELDS), assoc=assoc)
+                for item in series:
+                    for keyword in _STUDY_FIELDS:
+                        setattr(item, keyword, study.get(keyword, ""))
+                    answers.append(item.to_json_dict())
         return answers
 
     def search_for_instances(self, study_instance_uid: str, series_instance_uid: str, *,
