@@ -79,15 +79,19 @@ def test_a_simulated_ditto_site_is_deterministic(real_site, tmp_path: Path) -> N
     run_config = real_site.run_config(DITTO)
     config, sent = from_flat(run_config, source="test"), real_site.weights(run_config)
 
-    def one_round(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def one_round(root: Path, lam: float = 0.5) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        cfg = config.model_copy(update={"train": config.train.model_copy(update={"ditto_lambda": lam})})
         settings = _settings(root, data_dir=real_site.data_dir)
-        update = train_round(config=config, settings=settings, global_weights=sent, server_round=1).weights
-        return torch.load(settings.run_state_dir / PERSONAL_MODEL_FILE, weights_only=True), update
+        update = train_round(config=cfg, settings=settings, global_weights=sent, server_round=1).weights
+        path = settings.run_state_dir / PERSONAL_MODEL_FILE
+        return (torch.load(path, weights_only=True) if path.is_file() else None), update
 
     (personal, update), (personal_again, update_again) = one_round(tmp_path / "a"), one_round(tmp_path / "b")
     assert all(torch.equal(personal[n], personal_again[n]) and torch.equal(update[n], update_again[n])
                for n in personal)
     assert any(not torch.equal(personal[n], update[n]) for n in personal)  # two models, two noise streams
+    no_personal, plain = one_round(tmp_path / "plain", lam=0.0)  # the same run without Ditto
+    assert no_personal is None and all(torch.equal(plain[n], update[n]) for n in plain)  # the update is untouched
 
 
 def test_the_proximal_step_pulls_onto_the_given_anchor_not_the_start() -> None:
