@@ -190,3 +190,20 @@ def test_simulation_site_pacs_names_one_yaml_per_site() -> None:
     assert simulated_site_pacs("/a.yaml, /b.yaml", site_index=1, num_sites=2) == "/b.yaml"
     with pytest.raises(ValueError, match=r"simulation.site_pacs names 1 PACS YAML\(s\) for 2 simulated sites"):
         simulated_site_pacs("/a.yaml", site_index=0, num_sites=2)
+
+
+def test_a_real_site_never_reads_simulation_site_pacs(tmp_path: Path, simulated_site_process: None) -> None:
+    """simulation.site_pacs comes from the run config (the coordinator): only simulated sites follow it."""
+    from client.site import site_settings
+    from simulations.harness import resolve_config
+
+    yaml = tmp_path / "pacs.yaml"
+    yaml.write_text(json.dumps({"dimse": {"host": "127.0.0.1", "port": 104, "called_ae": "PACS"}}), encoding="utf-8")
+    config = resolve_config(overrides=[f"simulation.site_pacs={yaml},{yaml}", "data.num_sites=2",
+                                       f"server.out_dir={tmp_path}"])
+    node = {"site-name": "north", "data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state")}
+    real = site_settings(node_config=node, config=config, run_name="r")
+    assert (real.pacs, real.data_dir) == ("", str(tmp_path / "data"))
+    simulated = site_settings(node_config={"partition-id": 1, "num-partitions": 2}, config=config, run_name="r")
+    assert (simulated.pacs, simulated.data_dir) == (str(yaml), str(tmp_path / "r" / "site-state" / "site-2" /
+                                                                  "pacs-cache"))
