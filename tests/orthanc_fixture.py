@@ -38,6 +38,7 @@ class OrthancServer:
     url: str
     dicomweb_url: str
     dicom_port: int
+    site_port: int  # where Orthanc sends C-MOVEs for the site's AE title (the site's storage SCP)
     user: str
     password: str
     storage: Path
@@ -88,7 +89,7 @@ def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
     if found is None:
         raise FileNotFoundError("Orthanc or its DICOMweb plugin is not installed")
     binary, plugin = found
-    http_port, dicom_port = _free_port(), _free_port()
+    http_port, dicom_port, site_port = _free_port(), _free_port(), _free_port()
     storage = root / "storage"
     storage.mkdir(parents=True)
     config = {
@@ -99,14 +100,15 @@ def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
         "DicomPort": dicom_port,
         "DicomAet": PACS_AET,
         # DIMSE has no password: Orthanc admits only the registered site AE title from 127.0.0.1 and checks
-        # that it is called by its own AE title; the site may query (C-FIND), retrieve (C-GET) and store
+        # that it is called by its own AE title; the site may query (C-FIND), retrieve (C-GET, or C-MOVE to its
+    # storage SCP on site_port) and store
         "DicomCheckCalledAet": True,
         "DicomCheckModalityHost": True,
         "DicomAlwaysAllowEcho": False,
         "DicomAlwaysAllowStore": False,
-        "DicomModalities": {"medfed-site": {"AET": SITE_AET, "Host": "127.0.0.1", "Port": 11112,
+        "DicomModalities": {"medfed-site": {"AET": SITE_AET, "Host": "127.0.0.1", "Port": site_port,
                                             "AllowEcho": True, "AllowFind": True, "AllowGet": True,
-                                            "AllowMove": False, "AllowStore": True}},
+                                            "AllowMove": True, "AllowStore": True}},
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True,
         "RegisteredUsers": {USER: PASSWORD},
@@ -120,8 +122,8 @@ def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log = root / "orthanc.log"
     url = f"http://127.0.0.1:{http_port}"
-    server = OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", dicom_port=dicom_port, user=USER,
-                           password=PASSWORD, storage=storage, log=log)
+    server = OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", dicom_port=dicom_port, site_port=site_port,
+                           user=USER, password=PASSWORD, storage=storage, log=log)
     with open(log, "wb") as handle:
         proc = subprocess.Popen([binary, str(config_path)], stdout=handle, stderr=subprocess.STDOUT, cwd=root)
     try:

@@ -52,8 +52,12 @@ def test_dimse_config_has_no_password_and_checks_its_block(tmp_path: Path) -> No
         load({"dimse": {**block, "port": "104"}})
     with pytest.raises(PacsError, match=r"dimse.called_ae: an AE title of 1-16 printable"):
         load({"dimse": {**block, "called_ae": "A" * 17}})
-    with pytest.raises(PacsError, match=r"dimse.tls: unknown key \(valid: called_ae, calling_ae, host, port\)"):
+    with pytest.raises(PacsError, match=r"dimse.tls: unknown key \(valid: called_ae, calling_ae, host, move_bind"):
         load({"dimse": {**block, "tls": True}})
+    with pytest.raises(PacsError, match=r"dimse.move_port: retrieve: move needs the TCP port this site's storage"):
+        load({"dimse": {**block, "retrieve": "move"}})
+    with pytest.raises(PacsError, match=r"dimse.retrieve: 'get' \(C-GET\) or 'move'"):
+        load({"dimse": {**block, "retrieve": "wado"}})
     with pytest.raises(PacsError, match="give dicomweb_url or dimse, not both"):
         load({"dimse": block, "dicomweb_url": "https://pacs/dicom-web"})
 
@@ -98,6 +102,28 @@ def test_dimse_cohort_is_queried_retrieved_and_checked_like_dicomweb(
     rows = list(csv.DictReader(open(tmp_path / "cache" / "labels.csv", encoding="utf-8")))
     assert len(rows) == 11 and {r["series_instance_uid"] for r in rows} == set(pacs["ct"])
     assert len(orthanc.rest("/instances")) == pacs["n_instances"]  # training never writes to the PACS
+
+
+def test_dimse_retrieval_by_c_move_to_the_sites_own_storage_scp(tmp_path: Path, orthanc: OrthancServer,
+                                                                  pacs: dict) -> None:  # noqa: F811
+    """A PACS without C-GET: C-MOVE each instance to the site's storage SCP (registered at Orthanc)."""
+    import socket
+
+    from federation.data.dicom.pacs import load_pacs_config, sync_cohort
+
+    move = {"retrieve": "move", "move_port": orthanc.site_port, "move_bind": "127.0.0.1"}
+    path = _dimse_yaml(tmp_path, orthanc, pacs)
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "dimse": {**config["dimse"], **move}}), encoding="utf-8")
+    result = sync_cohort(load_pacs_config(path), cache_dir=tmp_path / "cache")
+    assert (result.fetched, result.reused) == (11, 0)
+    originals = {pydicom.dcmread(f).SOPInstanceUID: f for files in pacs["ct"].values() for f in files}
+    for sop, entry in json.loads((tmp_path / "cache" / "manifest.json").read_text()).items():
+        cached = pydicom.dcmread(tmp_path / "cache" / entry["path"])
+        assert (cached.pixel_array == pydicom.dcmread(originals[sop]).pixel_array).all()
+    with socket.socket() as sock:  # the storage SCP is stopped once the retrieval ends
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", orthanc.site_port))
 
 
 @pytest.mark.parametrize("problem", ["unknown_ae", "unreachable"])

@@ -8,11 +8,13 @@ of ``dicomweb_url``::
       port: 104
       called_ae: HOSPITALPACS     # the PACS's AE title
       calling_ae: MEDFED_NORTH    # this site's AE title, allow-listed at the PACS
+      retrieve: get               # or "move" (with move_port): C-MOVE to this site's own storage SCP
 
 DIMSE has no password: the PACS admits an association by the calling AE title (and, in
 most PACS, the host it comes from), so the site's AE title must be registered at the PACS
-with C-FIND and C-GET allowed (and C-STORE for ``predict --pacs``). Retrieval uses C-GET on
-the same association, so the site opens no listening port (C-MOVE is not used).
+with C-FIND and C-GET (or C-MOVE) allowed (and C-STORE for ``predict --pacs``). C-GET needs
+no listening port at the site; C-MOVE makes it run a storage SCP for the retrieval that
+accepts only the PACS's AE title.
 
 :class:`DimseClient` offers the few methods of ``dicomweb_client.DICOMwebClient`` that
 :mod:`federation.data.dicom.pacs` and :mod:`federation.inference.writeback` call, with the
@@ -56,6 +58,9 @@ class DimseSettings:
     called_ae: str
     calling_ae: str = "MEDFED"
     timeout_s: float = 30.0
+    retrieve: str = "get"  # "get": C-GET on the query's association; "move": C-MOVE to our own storage SCP
+    move_port: int = 0  # "move": the port our storage SCP listens on (registered at the PACS for calling_ae)
+    move_bind: str = "0.0.0.0"  # noqa: S104 - "move": the address our SCP binds (the PACS connects to it)
 
     @property
     def address(self) -> str:
@@ -77,6 +82,9 @@ class DimseClient:
         self._sop_classes: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, from the instance C-FIND
         self._held: tuple[Any, frozenset[str]] | None = None  # the open C-GET association and its storage classes
         self._received: list[Dataset] = []
+        self._scp: Any = None  # "move": our storage SCP, started on first use, stopped by close()
+        self._moved: dict[str, Dataset] = {}  # "move": instances the PACS sent, by SOP Instance UID
+        self._scp_classes: frozenset[str] = frozenset()
 
     def _ae(self) -> Any:
         from pynetdicom import AE  # noqa: PLC0415
@@ -103,10 +111,13 @@ class DimseClient:
             assoc.release()
 
     def close(self) -> None:
-        """Release the C-GET association, if one is open."""
+        """Release the C-GET association and stop the C-MOVE storage SCP, where open."""
         held, self._held = self._held, None
         if held is not None and held[0].is_established:
             held[0].release()
+        scp, self._scp = self._scp, None
+        if scp is not None:
+            scp.shutdown()
 
     @contextmanager
     def _find_association(self) -> Iterator[Any]:
@@ -180,6 +191,8 @@ class DimseClient:
         identifier.QueryRetrieveLevel = "IMAGE"
         identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study_instance_uid, series_instance_uid
         identifier.SOPInstanceUID = sop_instance_uid
+        if self.settings.retrieve == "move":
+            return self._move(identifier, sop_class)
         for attempt in (1, 2):  # a held association the PACS dropped meanwhile is opened again, once
             reused = self._held is not None
             assoc, self._received = self._get_association(sop_class), []
@@ -198,6 +211,50 @@ class DimseClient:
             raise DimseFailure("status", f"C-GET of instance {sop_instance_uid} returned {len(self._received)} "
                                          "instances")
         return self._received[0]
+
+    def _move(self, identifier: Dataset, sop_class: str) -> Dataset:
+        """C-MOVE one instance to our own storage SCP (the PACS opens an association to it)."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE  # noqa: PLC0415
+
+        sop = str(identifier.SOPInstanceUID)
+        self._storage_scp(sop_class)
+        ae = self._ae()
+        ae.add_requested_context(MOVE)
+        with self._association(ae) as assoc:
+            for status, _ in assoc.send_c_move(identifier, self.settings.calling_ae, MOVE):
+                code = _status(status)
+                if code not in _PENDING and code != _SUCCESS:
+                    raise DimseFailure("status", f"C-MOVE of instance {sop} to {self.settings.calling_ae} answered "
+                                                 f"status 0x{code:04X} (is the AE title registered at the PACS "
+                                                 f"with this host and port {self.settings.move_port}?)")
+        if sop not in self._moved:
+            raise DimseFailure("status", f"C-MOVE of instance {sop}: the PACS sent nothing to port "
+                                         f"{self.settings.move_port}")
+        return self._moved.pop(sop)
+
+    def _storage_scp(self, sop_class: str) -> None:
+        """Our storage SCP for C-MOVE, accepting only the PACS's AE title (started again for a new SOP class)."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, evt  # noqa: PLC0415
+
+        if self._scp is not None and sop_class in self._scp_classes:
+            return
+        if self._scp is not None:
+            self._scp.shutdown()
+        classes = sorted({c for c in self._sop_classes.values() if c} | {sop_class})[:_MAX_STORAGE_CONTEXTS]
+        ae = self._ae()
+        ae.require_calling_aet = [self.settings.called_ae]
+        for uid in classes:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self._moved[str(ds.SOPInstanceUID)] = ds
+            return _SUCCESS
+
+        self._scp = ae.start_server((self.settings.move_bind, self.settings.move_port), block=False,
+                                    ae_title=self.settings.calling_ae, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self._scp_classes = frozenset(classes)
 
     def _on_store(self, event: Any) -> int:
         ds = event.dataset

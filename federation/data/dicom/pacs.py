@@ -58,7 +58,7 @@ LABELS = "labels.csv"
 KEY_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number")
 _TOP_KEYS = {"dicomweb_url", "dimse", "username", "password_file", "password_env", "labels", "key_column",
              "label_column", "cohort", "timeout_s", "cache_dir"}
-_DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae"}
+_DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae", "retrieve", "move_port", "move_bind"}
 _CREDENTIAL_KEYS = ("username", "password_file", "password_env")
 _COHORT_KEYS = {"modality", "body_part", "study_date_from", "study_date_to", "series_description"}
 _FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription",
@@ -210,7 +210,18 @@ def _dimse_settings(source: Path, raw: dict) -> DimseSettings:
         if not re.fullmatch(r"[ -~]{1,16}", title) or title.strip() != title or "\\" in title:
             raise _bad(source, f"dimse.{key}", f"an AE title of 1-16 printable characters without "
                                                f"backslash or outer spaces, got {title!r}")
-    return DimseSettings(host=host, port=port, timeout_s=float(raw.get("timeout_s", 30.0)), **titles)
+    retrieve = str(block.get("retrieve", "get") or "get").lower()
+    if retrieve not in ("get", "move"):
+        raise _bad(source, "dimse.retrieve", f"'get' (C-GET) or 'move' (C-MOVE to this site's storage SCP), "
+                                             f"got {retrieve!r}")
+    move_port = block.get("move_port", 0)
+    if retrieve == "move" and (not isinstance(move_port, int) or isinstance(move_port, bool)
+                               or not 0 < move_port < 65536):
+        raise _bad(source, "dimse.move_port", f"retrieve: move needs the TCP port this site's storage SCP listens "
+                                              f"on (registered at the PACS for {titles['calling_ae']}), got "
+                                              f"{move_port!r}")
+    return DimseSettings(host=host, port=port, timeout_s=float(raw.get("timeout_s", 30.0)), retrieve=retrieve,
+                         move_port=int(move_port or 0), move_bind=str(block.get("move_bind", "0.0.0.0")), **titles)
 
 
 @dataclass(frozen=True)
@@ -360,7 +371,8 @@ def _fetch_series(client: Any, config: PacsConfig, series: CohortSeries, cache: 
         if entry and entry.get("path") == rel and path.is_file() and sha256_file(path) == entry.get("sha256"):
             result.reused += 1
             continue
-        with pacs_errors(config, f"retrieve instance {sop} ({'C-GET' if config.dimse else 'WADO-RS'})"):
+        how = "WADO-RS" if config.dimse is None else ("C-MOVE" if config.dimse.retrieve == "move" else "C-GET")
+        with pacs_errors(config, f"retrieve instance {sop} ({how})"):
             ds = client.retrieve_instance(series.study_instance_uid, series.series_instance_uid, sop,
                                           media_types=(("application/dicom", "*"),))
         _write_atomic(path, lambda p, d=ds: d.save_as(p, enforce_file_format=True))
