@@ -41,6 +41,21 @@ N = the measured rounds, 10, 50 and 100, against the serial limit (one process,
 back to back, as specified) and against the parallel limit (the ``parallel``
 runs). The limit uses ``--limit-threads`` torch threads (default 1, what a site
 worker gets with ``simulation.cpus_per_site=1``).
+
+``--sweep`` measures runs inside a sweep instead (issue 22.4)::
+
+    python bench/federation_overhead.py --sweep --rounds 10 --sweep-runs 4
+
+A sweep of ``--sweep-runs`` runs of the preset (seeds 0, 1, ...; default: the
+synthetic preset, its own sites) runs through ``run_sweep`` in a fresh process,
+once cold (``warm=False``: every run starts and stops Ray and its site workers, as
+before) and once warm (one Ray, the site workers kept from run to run). Each run's
+wall time (from the sweep's "running" to its "done") splits as above into a fixed
+part ``F = wall - R * P`` and ``R`` steady rounds ``P`` (median of rounds 2..R);
+the fixed cost per run inside a sweep is the median ``F`` of runs 2..N (run 1 of a
+warm sweep starts Ray and the workers). The ratio of a run to its sites' training
+steps back to back is its wall time over the serial limit's total for the same
+config (``limit`` above).
 """
 
 from __future__ import annotations
@@ -179,6 +194,98 @@ def _run_limit(preset: str | None, overrides: list[str], threads: int, processes
     return result
 
 
+def worker_sweep(preset: str | None, overrides: list[str], runs: int, warm: bool) -> dict:
+    """Run a sweep of ``runs`` seeds through ``run_sweep`` (cold or warm); each run's wall time and rounds."""
+    from simulations.sweep import load_sweep, run_sweep
+
+    stamps: dict[str, dict[str, float]] = {}
+
+    def on_run(run, status: str) -> None:  # noqa: ANN001
+        stamps.setdefault(run.run_id, {})[status] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="medfed-bench-sweep-") as tmp:
+        privacy = _config(preset, overrides, tmp, "bench").privacy  # a sweep's runs set their DP: the preset's
+        spec = Path(tmp) / "bench.yaml"
+        spec.write_text(f"name: bench\nbase: {preset or 'synthetic'}\nset: [{', '.join(overrides)}]\n"
+                        f"strategies: [fedavg]\nseeds: [{', '.join(str(k) for k in range(runs))}]\n"
+                        f"privacy: [{f'{privacy.target_epsilon:g}' if privacy.enabled else 'off'}]\n")
+        start = time.perf_counter()
+        root = run_sweep(load_sweep(spec), out_dir=tmp, on_run=on_run, warm=warm)
+        total = time.perf_counter() - start
+        rows = []
+        for run_id, times in stamps.items():
+            lines = (root / "runs" / run_id / "rounds.jsonl").read_text().splitlines()
+            rows.append({"run": run_id, "wall": times["done"] - times["running"],
+                         "rounds": _round_times([json.loads(line) for line in lines if line])})
+        report = total - max(times["done"] for times in stamps.values())
+    return {"runs": rows, "sweep_wall": total, "after_last_run": report}
+
+
+def _run_sweep(preset: str | None, overrides: list[str], runs: int, tmp: str, *, warm: bool) -> dict:
+    """A sweep in a fresh process (its imports included, as ``medfed sweep``); its runs' times."""
+    times = Path(tmp) / f"sweep-{int(warm)}.json"
+    command = [sys.executable, __file__, "--worker", "sweep", "--sweep-runs", str(runs), "--warm", str(int(warm)),
+               "--times", str(times), "--sets", *overrides]
+    if preset:
+        command += ["--preset", preset]
+    start = time.perf_counter()
+    _check_run(command)
+    return {**json.loads(times.read_text()), "process_wall": time.perf_counter() - start}
+
+
+def _sweep_fixed(runs: list[dict]) -> list[float]:
+    """``F = wall - R * P`` of each run (``P``: the median of its rounds 2..R)."""
+    fixed = []
+    for run in runs:
+        rounds = run["rounds"]
+        per_round = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+        fixed.append(run["wall"] - per_round * len(rounds))
+    return fixed
+
+
+def sweep_bench(args: argparse.Namespace) -> None:
+    """``--sweep``: a run's fixed cost inside a cold and a warm sweep, and its ratio to the serial limit."""
+    overrides = [f"server.rounds={args.rounds}", *args.sets]
+    info = machine()
+    say(f"P1 sweep overhead: {args.sweep_runs} runs of {' '.join(overrides)} "
+        f"(config {args.config or 'synthetic preset'}), x{args.repeats}")
+    say(f"machine: {info}")
+    sweeps = ("warm",) if args.no_cold else ("cold", "warm")
+    results: dict[str, list[dict]] = {"limit": [], **{name: [] for name in sweeps}}
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
+            for name in ("limit", *sweeps):
+                load = loadavg()
+                if name == "limit":
+                    row = _run_limit(args.config, overrides, args.limit_threads)
+                else:
+                    row = _run_sweep(args.config, overrides, args.sweep_runs, tmp, warm=name == "warm")
+                row["load"], row["load_after"] = load, loadavg()
+                results[name].append(row)
+                if name == "limit":
+                    say(f"  repeat {repeat + 1} limit {sum(row['rounds']):7.1f} s  load {load}")
+                else:
+                    say(f"  repeat {repeat + 1} {name} sweep {row['process_wall']:7.1f} s  runs "
+                        f"{[round(r['wall'], 1) for r in row['runs']]}  fixed "
+                        f"{[round(f, 1) for f in _sweep_fixed(row['runs'])]}  load {load}-{row['load_after']}")
+    limit = statistics.median(sum(r["rounds"]) for r in results["limit"])
+    summary: dict = {"limit_total": limit}
+    for name in sweeps:
+        later = [run for sweep in results[name] for run in sweep["runs"][1:]]  # runs 2..N of each sweep
+        first = [sweep["runs"][0] for sweep in results[name]]
+        fixed = _sweep_fixed(later)
+        walls = [run["wall"] for run in later]
+        summary[name] = {"fixed_per_run": Stats(fixed).as_dict(),
+                         "first_run_fixed": Stats(_sweep_fixed(first)).as_dict(), "run_wall": Stats(walls).as_dict(),
+                         "ratio_to_limit": Stats([w / limit for w in walls]).as_dict(),
+                         "process_wall": Stats([s["process_wall"] for s in results[name]]).as_dict()}
+        say(f"{name:5s} sweep: fixed cost per run (runs 2..{args.sweep_runs}) {Stats(fixed).fmt()}, first run's "
+            f"{Stats(_sweep_fixed(first)).fmt()}; a {args.rounds}-round run {Stats(walls).fmt()} = "
+            f"{Stats([w / limit for w in walls]).fmt('x')} its sites' training steps back to back ({limit:.1f} s)")
+    write_json(args.json, {"machine": info, "overrides": overrides, "config": args.config, "runs": results,
+                           "summary": summary})
+
+
 def _model(runs: list[dict], *, limit: bool, mean: bool = False) -> tuple[float, float]:
     """``(fixed, per_round)`` of runs: steady round = median (``mean``: mean) of rounds 2..R."""
     fixed, steady = [], []
@@ -205,8 +312,13 @@ def main() -> None:
     parser.add_argument("--limit-threads", type=int, default=1,
                         help="torch threads of the limit process (default 1: what a site worker gets with "
                              "simulation.cpus_per_site=1; 0 = torch's default)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="measure runs inside a sweep, cold and warm (the preset's own sites; see above)")
+    parser.add_argument("--sweep-runs", type=int, default=4, help="runs per sweep with --sweep (default 4)")
+    parser.add_argument("--no-cold", action="store_true", help="with --sweep: only the warm sweep (and the limit)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--worker", choices=["limit", "vanilla"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["limit", "vanilla", "sweep"], help=argparse.SUPPRESS)
+    parser.add_argument("--warm", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sets", nargs="*", default=[], dest="worker_sets", help=argparse.SUPPRESS)
     parser.add_argument("--times", default=None, help=argparse.SUPPRESS)
@@ -216,6 +328,13 @@ def main() -> None:
     if args.worker == "limit":
         k, w = (int(x) for x in args.share.split("/"))
         print(json.dumps(worker_limit(args.preset, args.worker_sets, args.threads, share=(k, w))))
+        return
+    if args.worker == "sweep":
+        result = worker_sweep(args.preset, args.worker_sets, args.sweep_runs, warm=bool(args.warm))
+        Path(args.times).write_text(json.dumps(result))
+        return
+    if args.sweep:
+        sweep_bench(args)
         return
     if args.worker == "vanilla":
         sys.path.insert(0, str(Path(__file__).parent))
