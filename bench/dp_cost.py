@@ -6,12 +6,16 @@ Run from the repository root::
     python bench/dp_cost.py --models cnn --repeats 9 --json dp_cost.json
     python bench/dp_cost.py --models resnet18 --modes hooks,medfed-ghost --threads 2
     python bench/dp_cost.py --device cuda                     # on a GPU (wall-clock ratios only)
+    python bench/dp_cost.py --models unet-hippo,basic_unet-hippo,segresnet-hippo --modes hooks,medfed-ghost
 
 One *step* is what a site does per batch: zero the gradients, forward, backward,
 ``optimizer.step()`` (SGD with momentum; under DP: per-sample clipping at C = 1,
 Gaussian noise with sigma = 1, Poisson-style division by the expected batch size).
 Every model sees a fixed batch of 64 single-channel images (28 px; DenseNet-121
-needs at least 29 px and gets 32 px) with 2 classes.
+needs at least 29 px and gets 32 px) with 2 classes. The segmentation models
+(``*-hippo``, :data:`SEGMENTATION`) train as the ``hippo`` preset does: a batch of 8
+volumes of 40 x 56 x 40 voxels, 3 classes, the segmentation task's DiceCE loss (per
+sample under DP: a sample is one whole volume), width 8, instance norm.
 
 Modes:
 
@@ -50,6 +54,14 @@ MODELS = {"cnn": 28, "resnet18": 28, "densenet121": 32}
 
 MODES = ("hooks", "functorch", "ew", "opacus-ghost", "medfed-ghost")
 
+SEGMENTATION = {
+    "unet-hippo": "unet",
+    "basic_unet-hippo": "basic_unet",
+    "segresnet-hippo": "segresnet",
+}
+"""Segmentation benchmark name -> registered model, built and fed as the ``hippo`` preset trains it."""
+HIPPO_SHAPE, HIPPO_CLASSES, HIPPO_BATCH, HIPPO_WIDTH = (40, 56, 40), 3, 8, 8
+
 
 def _build(name: str, device):
     import torch
@@ -58,7 +70,23 @@ def _build(name: str, device):
     from federation.models import build_model
 
     torch.manual_seed(0)
+    if name in SEGMENTATION:
+        config = ModelConfig(name=SEGMENTATION[name], norm="instance", width=HIPPO_WIDTH)
+        return build_model(config, in_channels=1, num_classes=HIPPO_CLASSES, spatial_dims=3, dp=True,
+                           task="segmentation").to(device)
     return build_model(ModelConfig(name=name), in_channels=1, num_classes=2, dp=True).to(device)
+
+
+def _losses(name: str) -> tuple[Callable, Callable]:
+    """``(batch mean loss, per-sample losses)``: cross-entropy, or the segmentation task's DiceCE."""
+    import torch.nn.functional as F
+
+    if name in SEGMENTATION:
+        from federation.tasks import get_task
+
+        task = get_task("segmentation")
+        return task.loss, task.per_sample_loss
+    return F.cross_entropy, lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
 
 
 def _sgd(model):
@@ -74,14 +102,13 @@ def _loader(images, labels):
 
 
 def _plain_step(name: str, images, labels) -> Callable[[], None]:
-    import torch.nn.functional as F
-
     model = _build(name, images.device)
     optimizer = _sgd(model)
+    loss, _ = _losses(name)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        loss(model(images), labels).backward()
         optimizer.step()
 
     return step
@@ -89,13 +116,13 @@ def _plain_step(name: str, images, labels) -> Callable[[], None]:
 
 def _medfed_step(name: str, mode: str, images, labels) -> Callable[[], None]:
     """A DP step through medfed's make_private + clipped_backward (what train_local runs)."""
-    import torch.nn.functional as F
     from opacus.accountants import RDPAccountant
 
     from federation.privacy.engine import clipped_backward, make_private
 
     model = _build(name, images.device)
     batch = images.shape[0]
+    _, per_sample = _losses(name)
     dp_model, optimizer, _ = make_private(
         accountant=RDPAccountant(), model=model, optimizer=_sgd(model), data_loader=_loader(images, labels),
         num_examples=batch, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -104,8 +131,7 @@ def _medfed_step(name: str, mode: str, images, labels) -> Callable[[], None]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        losses = F.cross_entropy(dp_model(images), labels, reduction="none")
-        clipped_backward(dp_model, losses)
+        clipped_backward(dp_model, per_sample(dp_model(images), labels))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free per-sample gradients before the next mode runs
 
@@ -155,10 +181,15 @@ def bench_model(
     """Time the non-DP step and every DP mode of one model, interleaved; return per-mode stats."""
     import torch
 
-    side = side or MODELS[name]
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 1, side, side, generator=generator).to(device)
-    labels = torch.randint(0, 2, (batch,), generator=generator).to(device)
+    if name in SEGMENTATION:  # the hippo preset's batches: volumes and their label maps
+        side, batch = "x".join(map(str, HIPPO_SHAPE)), HIPPO_BATCH
+        images = torch.randn(batch, 1, *HIPPO_SHAPE, generator=generator).to(device)
+        labels = torch.randint(0, HIPPO_CLASSES, (batch, *HIPPO_SHAPE), generator=generator).to(device)
+    else:
+        side = side or MODELS[name]
+        images = torch.randn(batch, 1, side, side, generator=generator).to(device)
+        labels = torch.randint(0, 2, (batch,), generator=generator).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     steps: dict[str, Callable[[], None]] = {"non-dp": _plain_step(name, images, labels)}
     for mode in modes:
@@ -197,14 +228,15 @@ def table(results: dict) -> list[str]:
             w, wr, cr = stats["wall"], stats["wall_ratio"], stats["cpu_ratio"]
             ratio_w = "1" if mode == "non-dp" else f"**{wr['median']:.2f}×** ({wr['min']:.2f}–{wr['max']:.2f})"
             ratio_c = "1" if mode == "non-dp" else f"{cr['median']:.2f}× ({cr['min']:.2f}–{cr['max']:.2f})"
-            rows.append(f"| {name} ({result['image_side']} px) | {mode} | {w['median']:.3f} "
+            rows.append(f"| {name} ({result['image_side']} px, batch {result['batch']}) | {mode} | {w['median']:.3f} "
                         f"({w['min']:.3f}–{w['max']:.3f}) | {ratio_w} | {ratio_c} |")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated: " + ", ".join([*MODELS, *SEGMENTATION]))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every mode once)")
     parser.add_argument("--batch", type=int, default=64)
@@ -225,9 +257,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in models if m not in MODELS] + [m for m in modes if m not in MODES]
+    unknown = [m for m in models if m not in MODELS and m not in SEGMENTATION] + [m for m in modes if m not in MODES]
     if unknown:
-        parser.error(f"unknown model/mode {unknown}; models: {', '.join(MODELS)}; modes: {', '.join(MODES)}")
+        parser.error(f"unknown model/mode {unknown}; models: {', '.join([*MODELS, *SEGMENTATION])}; "
+                     f"modes: {', '.join(MODES)}")
     info = {**machine(), "torch_threads": torch.get_num_threads(), "device": args.device,
             "malloc_tuned": allocator_tuned}
     if args.device == "cuda":

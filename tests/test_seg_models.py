@@ -60,3 +60,19 @@ def test_registered_by_name_for_segmentation_only_with_dp_norms() -> None:
         with pytest.raises(ConfigError, match="cannot be used with differential privacy"):
             build_model(ModelConfig(name=name, width=4, norm="batch"), in_channels=1, num_classes=2, dp=True,
                         task="segmentation")
+
+
+def test_per_sample_conv_gradients_of_large_volumes_equal_autograd_per_sample() -> None:
+    """3-D outputs of >= 32^3 positions take the per-sample kernel loop: gradients equal autograd's, per sample."""
+    from federation.privacy.fast_clipping.norms import KERNEL_LOOP_MIN_POSITIONS, conv_weight_norms
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(2, 3, 3, padding=1).to(F64)
+    x = torch.randn(2, 2, 32, 32, 32, dtype=F64)
+    g = torch.randn(2, 3, 32 * 32 * 32, dtype=F64)
+    assert g.shape[-1] >= KERNEL_LOOP_MIN_POSITIONS
+    norms, grads = conv_weight_norms(layer, x, g, method="kernel", keep=True)
+    for i in range(2):
+        (grad,) = torch.autograd.grad(layer(x[i:i + 1]), layer.weight, g[i].reshape(1, 3, 32, 32, 32))
+        torch.testing.assert_close(grads[i], grad, rtol=1e-10, atol=1e-10)
+        assert norms[i].item() == pytest.approx(grad.norm().item(), rel=1e-12)
