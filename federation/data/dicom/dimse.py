@@ -25,6 +25,7 @@ its checks and quarantine are the same for both protocols.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,8 +100,20 @@ class DimseClient:
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r}")
+            if self._reachable():  # a PACS may close the connection before its rejection is read (Orthanc does)
+                raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r} (the PACS closed "
+                                               "the association without accepting it)")
             raise DimseFailure("unreachable", "no association")
         return assoc
+
+    def _reachable(self) -> bool:
+        """Whether the PACS's port accepts a TCP connection at all."""
+        try:
+            with socket.create_connection((self.settings.host, self.settings.port),
+                                          timeout=min(self.settings.timeout_s, 5.0)):
+                return True
+        except OSError:
+            return False
 
     @contextmanager
     def _association(self, ae: Any, **kwargs: Any) -> Iterator[Any]:
