@@ -83,8 +83,9 @@ def _wait_until_up(server: OrthancServer, proc: subprocess.Popen, timeout: float
     raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s: {server.log.read_text()[-2000:]}")
 
 
-def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
-    """Write a config under ``root`` and start Orthanc with it; return once it answers."""
+def start_orthanc(root: Path, *, extra: dict | None = None) -> tuple[OrthancServer, subprocess.Popen]:
+    """Write a config under ``root`` (``extra`` settings merged in) and start Orthanc with it; return once it
+    answers."""
     found = find_orthanc()
     if found is None:
         raise FileNotFoundError("Orthanc or its DICOMweb plugin is not installed")
@@ -117,6 +118,7 @@ def start_orthanc(root: Path) -> tuple[OrthancServer, subprocess.Popen]:
         "StableAge": 1,
         "ConcurrentJobs": 1,
         "HttpThreadsCount": 8,
+        **(extra or {}),
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -155,3 +157,41 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
         yield server
     finally:
         stop_orthanc(proc)
+
+
+def write_tls_files(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a PACS certificate for 127.0.0.1 and a site client certificate (RSA, PEM, one day).
+
+    Returns ``{ca,pacs,site}_{cert,key}`` paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    keys = {name: rsa.generate_private_key(public_exponent=65537, key_size=2048) for name in ("ca", "pacs", "site")}
+    subjects = {"ca": "medfed test PACS CA", "pacs": "127.0.0.1", "site": SITE_AET}
+    paths: dict[str, Path] = {}
+    for name, key in keys.items():
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subjects[name])]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subjects["ca"])]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=name == "ca", path_length=None), critical=True))
+        if name == "pacs":
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        cert = builder.sign(keys["ca"], hashes.SHA256())
+        paths[f"{name}_cert"], paths[f"{name}_key"] = folder / f"{name}.pem", folder / f"{name}.key"
+        paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                                           serialization.NoEncryption()))
+        paths[f"{name}_key"].chmod(0o600)
+    return paths

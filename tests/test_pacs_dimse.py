@@ -52,12 +52,21 @@ def test_dimse_config_has_no_password_and_checks_its_block(tmp_path: Path) -> No
         load({"dimse": {**block, "port": "104"}})
     with pytest.raises(PacsError, match=r"dimse.called_ae: an AE title of 1-16 printable"):
         load({"dimse": {**block, "called_ae": "A" * 17}})
-    with pytest.raises(PacsError, match=r"dimse.tls: unknown key \(valid: called_ae, calling_ae, host, move_bind"):
+    with pytest.raises(PacsError, match=r"dimse.tls: unknown key \(valid: called_ae, calling_ae, host, move_bind, "
+                                        r"move_port, port, retrieve, tls_ca, tls_cert, tls_key\)"):
         load({"dimse": {**block, "tls": True}})
     with pytest.raises(PacsError, match=r"dimse.move_port: retrieve: move needs the TCP port this site's storage"):
         load({"dimse": {**block, "retrieve": "move"}})
     with pytest.raises(PacsError, match=r"dimse.retrieve: 'get' \(C-GET\) or 'move'"):
         load({"dimse": {**block, "retrieve": "wado"}})
+    (tmp_path / "ca.pem").write_text("x", encoding="utf-8")
+    with pytest.raises(PacsError, match=r"dimse.tls_key: give both tls_cert and tls_key"):
+        load({"dimse": {**block, "tls_ca": "ca.pem", "tls_cert": "site.pem"}})
+    with pytest.raises(PacsError, match=r"dimse.tls_ca: .*/missing.pem is not a file"):
+        load({"dimse": {**block, "tls_ca": "missing.pem"}})
+    with pytest.raises(PacsError, match=r"dimse.retrieve: retrieve: move is not supported with TLS yet"):
+        load({"dimse": {**block, "tls_ca": "ca.pem", "retrieve": "move", "move_port": 11112}})
+    assert load({"dimse": {**block, "tls_ca": "ca.pem"}}).dimse.tls_ca == str(tmp_path / "ca.pem")
     with pytest.raises(PacsError, match="give dicomweb_url or dimse, not both"):
         load({"dimse": block, "dicomweb_url": "https://pacs/dicom-web"})
 
@@ -124,6 +133,35 @@ def test_dimse_retrieval_by_c_move_to_the_sites_own_storage_scp(tmp_path: Path, 
     with socket.socket() as sock:  # the storage SCP is stopped once the retrieval ends
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", orthanc.site_port))
+
+
+def test_dimse_over_tls_stores_queries_and_retrieves_and_a_plain_site_is_refused(tmp_path: Path,
+                                                                                   pacs: dict) -> None:  # noqa: F811
+    """Orthanc with DICOM TLS (client certificates required): C-STORE, C-FIND and C-GET over TLS."""
+    from federation.data.dicom.pacs import PacsError, connect, load_pacs_config, sync_cohort
+    from tests.orthanc_fixture import start_orthanc, stop_orthanc, write_tls_files
+
+    tls = write_tls_files(tmp_path / "tls")
+    server, proc = start_orthanc(tmp_path / "orthanc", extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(tls["pacs_cert"]),
+        "DicomTlsPrivateKey": str(tls["pacs_key"]), "DicomTlsTrustedCertificates": str(tls["ca_cert"]),
+        "DicomTlsRemoteCertificateRequired": True})
+    try:
+        (tmp_path / "plain").mkdir()
+        plain = _dimse_yaml(tmp_path / "plain", server, pacs)  # no TLS against a TLS-only DICOM port
+        with pytest.raises(PacsError, match=r"closed the association without accepting it: .* or TLS on one side"):
+            sync_cohort(load_pacs_config(plain), cache_dir=tmp_path / "plain-cache")
+        secure = {"tls_ca": str(tls["ca_cert"]), "tls_cert": "tls/site.pem", "tls_key": "tls/site.key"}
+        path = _dimse_yaml(tmp_path, server, pacs)
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "dimse": {**config["dimse"], **secure}}), encoding="utf-8")
+        site = load_pacs_config(path)
+        uid = list(pacs["ct"])[0]
+        connect(site).store_instances([pydicom.dcmread(f) for f in pacs["ct"][uid]])  # C-STORE over TLS
+        result = sync_cohort(site, cache_dir=tmp_path / "cache")  # C-FIND and C-GET over TLS
+        assert [s.series_instance_uid for s in result.series] == [uid] and result.fetched == 4
+    finally:
+        stop_orthanc(proc)
 
 
 @pytest.mark.parametrize("problem", ["unknown_ae", "unreachable"])

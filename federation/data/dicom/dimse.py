@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class DimseSettings:
     retrieve: str = "get"  # "get": C-GET on the query's association; "move": C-MOVE to our own storage SCP
     move_port: int = 0  # "move": the port our storage SCP listens on (registered at the PACS for calling_ae)
     move_bind: str = "0.0.0.0"  # noqa: S104 - "move": the address our SCP binds (the PACS connects to it)
+    tls_ca: str = ""  # DICOM TLS: the CA file the PACS's certificate must chain to ("" = no TLS)
+    tls_cert: str = ""  # DICOM TLS: the site's client certificate and key, where the PACS asks for one
+    tls_key: str = ""
 
     @property
     def address(self) -> str:
@@ -95,14 +99,26 @@ class DimseClient:
         ae.connection_timeout = min(self.settings.timeout_s, 10.0)
         return ae
 
+    def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """DICOM TLS: the PACS's certificate checked against ``tls_ca`` and its host name; the site's own
+        certificate presented where set."""
+        if not self.settings.tls_ca:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.settings.tls_ca)
+        if self.settings.tls_cert:
+            context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key or None)
+        return context, self.settings.host
+
     def _open(self, ae: Any, **kwargs: Any) -> Any:
-        assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_ae, **kwargs)
+        assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_ae,
+                             tls_args=self._tls_args(), **kwargs)
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r}")
             if self._reachable():  # a PACS may close the connection before its rejection is read (Orthanc does)
                 raise DimseFailure("rejected", f"calling AE title {self.settings.calling_ae!r} (the PACS closed "
-                                               "the association without accepting it)")
+                                               "the association without accepting it: an AE title it does not "
+                                               "admit, or TLS on one side only: dimse.tls_ca)")
             raise DimseFailure("unreachable", "no association")
         return assoc
 

@@ -58,7 +58,8 @@ LABELS = "labels.csv"
 KEY_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number")
 _TOP_KEYS = {"dicomweb_url", "dimse", "username", "password_file", "password_env", "labels", "key_column",
              "label_column", "cohort", "timeout_s", "cache_dir"}
-_DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae", "retrieve", "move_port", "move_bind"}
+_DIMSE_KEYS = {"host", "port", "called_ae", "calling_ae", "retrieve", "move_port", "move_bind", "tls_ca", "tls_cert",
+               "tls_key"}
 _CREDENTIAL_KEYS = ("username", "password_file", "password_env")
 _COHORT_KEYS = {"modality", "body_part", "study_date_from", "study_date_to", "series_description"}
 _FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDescription",
@@ -221,7 +222,27 @@ def _dimse_settings(source: Path, raw: dict) -> DimseSettings:
                                               f"on (registered at the PACS for {titles['calling_ae']}), got "
                                               f"{move_port!r}")
     return DimseSettings(host=host, port=port, timeout_s=float(raw.get("timeout_s", 30.0)), retrieve=retrieve,
-                         move_port=int(move_port or 0), move_bind=str(block.get("move_bind", "0.0.0.0")), **titles)
+                         move_port=int(move_port or 0), move_bind=str(block.get("move_bind", "0.0.0.0")),
+                         **_dimse_tls(source, block, retrieve=retrieve), **titles)
+
+
+def _dimse_tls(source: Path, block: dict, *, retrieve: str) -> dict[str, str]:
+    """The ``dimse`` block's TLS files (relative to the YAML's folder), each checked to exist."""
+    files = {k: str(block.get(k, "") or "") for k in ("tls_ca", "tls_cert", "tls_key")}
+    if not files["tls_ca"] and (files["tls_cert"] or files["tls_key"]):
+        raise _bad(source, "dimse.tls_ca", "tls_cert/tls_key need tls_ca (the CA the PACS's certificate chains to)")
+    if bool(files["tls_cert"]) != bool(files["tls_key"]):
+        raise _bad(source, "dimse.tls_key" if files["tls_cert"] else "dimse.tls_cert", "give both tls_cert and tls_key")
+    if files["tls_ca"] and retrieve == "move":
+        raise _bad(source, "dimse.retrieve", "retrieve: move is not supported with TLS yet (its storage SCP would "
+                                             "take plain connections): use retrieve: get")
+    for key, value in files.items():
+        if value:
+            path = Path(value).expanduser()
+            files[key] = str(path if path.is_absolute() else source.parent / path)
+            if not Path(files[key]).is_file():
+                raise _bad(source, f"dimse.{key}", f"{files[key]} is not a file")
+    return files
 
 
 @dataclass(frozen=True)
