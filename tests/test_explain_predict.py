@@ -63,8 +63,8 @@ def test_model_card_is_filled_from_the_run(run_dir: Path) -> None:
     card = json.loads((run_dir / "model_card.json").read_text())
     config = load_config(run_dir / "config.yaml")
     assert "NOT FOR CLINICAL USE" in card["notice"] and card["intended_use"]
-    assert card["task"] == {"dataset": "synthetic", "labels": ["no lesion", "lesion"], "num_classes": 2,
-                            "positive_class": 1, "threshold": 0.5}
+    assert card["task"] == {"dataset": "synthetic", "kind": "classification", "labels": ["no lesion", "lesion"],
+                            "num_classes": 2, "positive_class": 1, "threshold": 0.5}
     shares = {s["name"]: (s["n_train"], s["n_test"]) for s in describe_sites(config.data, seed=config.seed)}
     assert {s["name"]: (s["train_examples"], s["test_examples"]) for s in card["sites"]} == shares
     assert card["rounds"] == {"planned": 1, "completed": 1, "aggregated": 1}
