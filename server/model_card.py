@@ -95,7 +95,7 @@ def export_global_model(run_dir: Path, config: ExperimentConfig) -> ExportedMode
     prep = Preprocessing(image_size=config.data.image_size, in_channels=info.in_channels,
                          dicom_frames=config.data.dicom_frames, dicom_normalize=config.data.dicom_normalize,
                          spatial_dims=spatial_dims, volume_shape=_volume_shape(config, spatial_dims))
-    meta = {"run": run_dir.name, "round": checkpoint.round, "task": config.data.task,
+    meta = {"run": run_dir.name, "round": checkpoint.round, "task": config.data.task, "dataset": config.data.dataset,
             "num_classes": info.num_classes, "label_names": names,
             "positive_class": config.clinical.positive_class, "threshold": config.clinical.threshold,
             "model": {**config.model.model_dump(), "parameters": count_parameters(model)}}

@@ -119,7 +119,12 @@ def _is_segmentation_run(model: Path) -> bool:
 def _predict_nifti(model: Path, input_path: Path, out: Optional[Path], *, limit: int) -> None:
     """``predict`` with a segmentation run: one NIfTI mask per input in ``--out`` and ``volumes.csv``."""
     from federation.inference import load_exported  # noqa: PLC0415
-    from federation.inference.nifti_predict import list_nifti_inputs, predict_nifti, write_volumes_csv  # noqa: PLC0415
+    from federation.inference.nifti_predict import (  # noqa: PLC0415
+        PAD_CROP_DATASETS,
+        list_nifti_inputs,
+        predict_nifti,
+        write_volumes_csv,
+    )
 
     if out is None:
         _fail("a segmentation model writes one mask per input: give --out DIR")
@@ -130,6 +135,9 @@ def _predict_nifti(model: Path, input_path: Path, out: Optional[Path], *, limit:
         if len(shape) != 3:
             raise ValueError(f"--model {model}: predicting NIfTI masks needs a 3-D segmentation model "
                              f"(its export has no 3-D volume_shape)")
+        if meta.get("dataset") not in PAD_CROP_DATASETS:
+            console.print(f"[yellow]warning:[/] the model was trained on {meta.get('dataset')!r} volumes, which "
+                          "were not padded/cropped as NIfTI inputs are here; check its masks", soft_wrap=True)
         inputs = list_nifti_inputs(input_path)
         results = predict_nifti(module, inputs[:limit] if limit > 0 else inputs, root=input_path, out_dir=out,
                                 volume_shape=shape)

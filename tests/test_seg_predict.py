@@ -29,7 +29,8 @@ class Threshold(nn.Module):
 def _export(model: nn.Module, run: Path, shape: tuple[int, int, int], labels: list[str]) -> None:
     export_model(model=model, out_dir=run / "export",
                  preprocessing=Preprocessing(image_size=0, in_channels=1, spatial_dims=3, volume_shape=shape),
-                 metadata={"task": "segmentation", "num_classes": len(labels), "label_names": labels})
+                 metadata={"task": "segmentation", "dataset": "nifti", "num_classes": len(labels),
+                           "label_names": labels})
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> None:

@@ -30,6 +30,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PAD_CROP_DATASETS = frozenset({"nifti", "msd_hippocampus"})
+"""Datasets whose training volumes were padded/cropped as here (``dicom_seg`` resamples instead)."""
 
 
 def is_nifti(path: str | os.PathLike[str]) -> bool:
