@@ -94,31 +94,14 @@ def test_per_sample_loss_averages_to_monai_dice_ce_and_classification_is_unchang
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_unet_ghost_clipping_equals_opacus_per_sample_gradients(spatial_dims: int) -> None:
     """The UNet uses only layers medfed's fast clipping covers (no transposed convolution); norms and clipped sum equal Opacus' hooks."""
-    from opacus.grad_sample import GradSampleModule
+    from seg_clipping import assert_clipping_matches_opacus
 
-    from federation.privacy.fast_clipping import GhostClippingModule, select_grad_sample_mode, uncovered_layers
-
-    task = get_task("segmentation")
     torch.manual_seed(0)
     model = build_model(_seg_config().model, in_channels=1, num_classes=3, spatial_dims=spatial_dims, dp=True,
                         task="segmentation").to(F64)
-    assert uncovered_layers(model) == [] and select_grad_sample_mode(model, device="cpu") == "ghost"
     shape = (4, 1, *((8,) * spatial_dims))
     x, y = torch.randn(shape, dtype=F64), torch.randint(0, 3, (4, *shape[2:]))
-    gsm = GradSampleModule(model)
-    task.loss(gsm(x), y).backward()
-    samples = [p.grad_sample.detach().clone() for p in model.parameters()]
-    gsm.to_standard_module()
-    model.zero_grad(set_to_none=True)
-    norms = torch.stack([s.flatten(1).norm(dim=1) for s in samples]).norm(dim=0)
-    bound = float(norms.median())
-    coef = (bound / (norms + 1e-6)).clamp(max=1.0)
-    ghost = GhostClippingModule(model, max_grad_norm=bound)
-    ghost.clipped_backward(task.per_sample_loss(ghost(x), y))
-    torch.testing.assert_close(ghost.per_sample_gradient_norms, norms, rtol=1e-9, atol=1e-12)
-    for param, sample in zip(model.parameters(), samples):
-        torch.testing.assert_close(param.grad, torch.tensordot(coef, sample, dims=1), rtol=1e-9, atol=1e-12)
-    ghost.to_standard_module()
+    assert_clipping_matches_opacus(model, x, y)
 
 
 def test_site_metrics_are_exact_on_a_hand_made_case_and_suppress_small_counts() -> None:
