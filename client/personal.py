@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from client.policy import SitePolicy
     from client.site import SiteSettings
     from federation.config import ExperimentConfig
+    from federation.data import SiteData
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,28 @@ def personal_metrics(model: nn.Module, *, dataset: torch.utils.data.Dataset, glo
     result = evaluate(model=model, dataset=dataset, batch_size=batch_size, device=device)
     return {"personal-loss": float(result.loss), "personal-auc": float(result.auc),
             "personal-accuracy": float(result.accuracy)}
+
+
+def personal_task_metrics(model: nn.Module, *, data: SiteData, config: ExperimentConfig,
+                          released: Mapping[str, float], global_weights: Mapping[str, torch.Tensor],
+                          settings: SiteSettings) -> dict[str, float]:
+    """A task with its own site metrics (segmentation): the personalized model's loss and headline (``dice``).
+
+    Sent as ``personal-loss`` and ``personal-<headline>`` only where the global model's
+    headline was released (the same test cases, so the same case-count floor holds).
+    ``model`` is loaded with the personalized weights and left so (the caller releases it).
+    """
+    from federation.tasks import get_task, headline_metric  # noqa: PLC0415
+    from federation.training import select_device  # noqa: PLC0415
+
+    headline = headline_metric(config.data.task)
+    state = personal_state(global_weights, settings)
+    if state is None or headline not in released:
+        return {}
+    model.load_state_dict(state)
+    own = get_task(config.data.task).site_metrics(model=model, data=data, config=config,
+                                                  device=select_device(config.train.device)) or {}
+    return {f"personal-{name}": float(own[name]) for name in ("loss", headline) if name in own}
 
 
 def release_personal(personal: Mapping[str, float], *, released: Mapping[str, float], num_examples: int,

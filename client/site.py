@@ -427,6 +427,11 @@ def evaluate_round(
     task_metrics = get_task(config.data.task).site_metrics(
         model=model, data=data, config=config, device=select_device(config.train.device))
     if task_metrics is not None:  # the task's own aggregates (segmentation: Dice, HD95 over >= 5 cases each)
+        if _personalized(config):
+            from client.personal import personal_task_metrics  # noqa: PLC0415
+
+            task_metrics.update(personal_task_metrics(model, data=data, config=config, released=task_metrics,
+                                                      global_weights=global_weights, settings=settings))
         release_model(model)
         return task_metrics
     result = evaluate(
@@ -436,7 +441,7 @@ def evaluate_round(
         device=select_device(config.train.device),
     )
     personal: dict[str, float] = {}
-    if config.train.local_norm or config.train.finetune_rounds or config.train.ditto_lambda > 0:  # client.personal
+    if _personalized(config):  # client.personal
         from client.personal import personal_metrics  # noqa: PLC0415
 
         personal = personal_metrics(model, dataset=data.test, global_weights=global_weights, settings=settings,
@@ -462,6 +467,11 @@ def evaluate_round(
             personal = release_personal(personal, released=metrics, num_examples=int(result.num_examples),
                                         min_count=rules.clinical.min_group_size)
     return {"num-examples": float(result.num_examples), **metrics, **personal}
+
+
+def _personalized(config: ExperimentConfig) -> bool:
+    """Whether the site keeps a personalized model to evaluate too (FedBN, fine-tuning, Ditto)."""
+    return bool(config.train.local_norm or config.train.finetune_rounds or config.train.ditto_lambda > 0)
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,33 @@ def test_the_baselines_table_gains_the_personalized_row(tmp_path: Path) -> None:
     assert personalized_result(tmp_path, fine_tuned).method == "federated + fine-tuned"
     (tmp_path / "summary.json").write_text(json.dumps({"final_site_evaluate": {"site-1": site}}))
     assert personalized_result(tmp_path, config) is None  # not every site reported one
+
+
+def test_a_segmentation_site_reports_its_personalized_dice_through_the_guard(tmp_path: Path) -> None:
+    """FedBN for segmentation: with its own norm layers the site reports personal-loss and personal-dice too."""
+    from client.guard import check_reply, evaluate_metrics
+    from client.site import evaluate_round
+    from federation.config import load_config
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    config = load_config(None, ["data.dataset=synthetic_seg", "data.task=segmentation", "data.num_samples=120",
+                                "data.image_size=16", "model.name=unet", "model.width=4", "data.num_sites=2",
+                                "train.local_norm=true", "privacy.enabled=false"])
+    settings = SiteSettings(name="site-1", site_index=0, num_sites=2, data_dir=str(tmp_path), state_dir=tmp_path / "s",
+                            run_name="r", simulated=True)
+    torch.manual_seed(0)
+    model = build_model(config.model, in_channels=1, num_classes=2, dp=True, task="segmentation")
+    global_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = evaluate_round(config=config, settings=settings, global_weights=global_weights)
+    assert "dice" in before and not any(k.startswith("personal-") for k in before)  # no personal model yet
+    local = {k: v.clone() for k, v in global_weights.items()}
+    for name in norm_state_names(model):
+        if name.endswith("weight"):
+            local[name] = local[name] * 0.5  # the site's "own" norm layers
+    keep_local_norm(model, settings=settings, local=local, global_weights=global_weights)
+    after = evaluate_round(config=config, settings=settings, global_weights=global_weights)
+    assert {k: v for k, v in after.items() if not k.startswith("personal-")} == before  # the global model's, unchanged
+    assert set(after) - set(before) == {"personal-loss", "personal-dice"}
+    assert after["personal-loss"] != after["loss"]
+    content = RecordDict({"site": ConfigRecord({"name": "site-1"}), "metrics": MetricRecord(after)})
+    check_reply(content, allowed_metrics=evaluate_metrics("segmentation"))

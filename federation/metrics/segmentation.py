@@ -39,7 +39,7 @@ BOOTSTRAP_SAMPLES = 1000
 
 def segmentation_metric_names(*, max_classes: int = MAX_SEGMENTATION_CLASSES) -> frozenset[str]:
     """Every metric name a segmentation site can send after evaluation (see the module docstring)."""
-    names = {"num-examples", "loss", "dice", "dice-lo", "dice-hi", "dice-n"}
+    names = {"num-examples", "loss", "dice", "dice-lo", "dice-hi", "dice-n", "personal-loss", "personal-dice"}
     for c in range(1, max_classes):
         names |= {f"dice-{c}", f"dice-{c}-lo", f"dice-{c}-hi", f"dice-{c}-n"}
         names |= {f"hd95-{c}", f"hd95-{c}-median", f"hd95-{c}-n", f"voldiff-{c}", f"voldiff-{c}-abs"}
