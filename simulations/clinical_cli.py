@@ -90,7 +90,10 @@ def predict_command(
         _fail("give --input (files or a folder) or --pacs SITE.yaml")
         return
     if _is_segmentation_run(model):
-        _predict_nifti(model, input_path, out, limit=limit)
+        if _spatial_dims(model) == 2:  # a 2-D segmentation model: one DICOM SEG per series of the input images
+            _predict_dicom_seg(model, input_path, out, limit=limit)
+        else:
+            _predict_nifti(model, input_path, out, limit=limit)
         return
     module, meta, items = _load(model, input_path, npz_split, limit)
     predictions = predict_inputs(module, items, meta=meta)  # type: ignore[arg-type]
@@ -152,6 +155,29 @@ def _predict_nifti(model: Path, input_path: Path, out: Optional[Path], *, limit:
     console.print(f"[green]{len(results) - len(failed)} mask(s)[/] → {out}, volumes → {table}"
                   + (f"; [red]{len(failed)} input(s) failed[/]" if failed else ""), soft_wrap=True)
     if failed:
+        raise typer.Exit(code=1)
+
+
+def _predict_dicom_seg(model: Path, input_path: Path, out: Optional[Path], *, limit: int) -> None:
+    """``predict`` with a 2-D segmentation run on DICOM files: one DICOM SEG per series in ``--out``."""
+    from federation.inference.writeback import file_segmentations  # noqa: PLC0415
+
+    if out is None:
+        _fail("a segmentation model writes one DICOM SEG per series: give --out DIR")
+        return
+    module, meta, items = _load(model, input_path, "test", limit)
+    root = input_path if input_path.is_dir() else input_path.parent
+    segs, skipped = file_segmentations(root=root, module=module, inputs=items, meta=meta)
+    out.mkdir(parents=True, exist_ok=True)
+    for seg in segs:
+        path = out / f"seg-{seg.SeriesInstanceUID}.dcm"
+        seg.save_as(path)
+        console.print(f"wrote {path} (DICOM SEG of {len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence)} "
+                      f"image(s), research output, not for clinical use)", soft_wrap=True)
+    for name, why in skipped.items():
+        console.print(f"[red]{input_path / name if input_path.is_dir() else input_path}: no SEG written: {why}[/]",
+                      soft_wrap=True)
+    if skipped:
         raise typer.Exit(code=1)
 
 

@@ -122,3 +122,41 @@ def test_a_tiny_unet_segments_hippocampus_cases_on_their_own_grid(tmp_path: Path
             assert float(rows[case.name][f"{name}_mm3"]) == int((labels == k).sum()) * voxel
     model_json = json.loads((tmp_path / "run" / "export" / "model.json").read_text())
     assert model_json["input"]["shape"] == ["N", 1, 40, 56, 40]
+
+
+def test_a_2d_segmentation_model_writes_one_dicom_seg_per_series_referencing_its_sources(tmp_path: Path) -> None:
+    """predict --input on DICOM files with a 2-D segmentation run: a SEG per series on the source grid; others named."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    export_model(model=Threshold(), out_dir=tmp_path / "run" / "export",
+                 preprocessing=Preprocessing(image_size=32, in_channels=1, spatial_dims=2),
+                 metadata={"task": "segmentation", "dataset": "synthetic_seg", "num_classes": 2,
+                           "label_names": ["background", "lesion"]})
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(2):  # two slices of one series
+        source.SOPInstanceUID = generate_uid()
+        source.InstanceNumber = k + 1
+        source.ImagePositionPatient = [-158.1, -179.0, -75.7 + 5.0 * k]
+        source.save_as(inputs / f"slice-{k}.dcm")
+    broken = inputs / "broken"  # another series whose two slices sit at one position: named, the others written
+    broken.mkdir()
+    source.SeriesInstanceUID = generate_uid()
+    for k in range(2):
+        source.SOPInstanceUID = generate_uid()
+        source.save_as(broken / f"dup-{k}.dcm")
+    np.savez(inputs / "other.npz", images=np.zeros((1, 32, 32), dtype=np.float32))
+    result = _predict(tmp_path / "run", inputs, tmp_path / "out")
+    assert result.exit_code == 1, result.output  # the .npz image got no SEG, and is named
+    assert "other.npz#0: no SEG written" in result.output
+    assert "broken/dup-0.dcm: no SEG written: its series' SEG could not be built" in result.output
+    [written] = sorted((tmp_path / "out").glob("*.dcm"))
+    seg = pydicom.dcmread(written)
+    assert seg.Modality == "SEG" and seg.SeriesInstanceUID != source.SeriesInstanceUID
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert len(referenced) == 2 and seg.ReferencedSeriesSequence[0].SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(inputs / "slice-0.dcm").SeriesInstanceUID
+    assert (int(seg.Rows), int(seg.Columns)) == (128, 128)  # the mask on the source images' grid

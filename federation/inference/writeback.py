@@ -202,13 +202,6 @@ def cohort_segmentations(*, cache_dir: Any, module: Any, inputs: Sequence[Any], 
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415, N812
-    from pydicom import dcmread  # noqa: PLC0415
-
-    from federation.inference.predict import predict_probabilities  # noqa: PLC0415
-
     root = Path(cache_dir)
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     series_of = {entry["path"]: entry["series_instance_uid"] for entry in manifest.values()}
@@ -216,17 +209,72 @@ def cohort_segmentations(*, cache_dir: Any, module: Any, inputs: Sequence[Any], 
     for item in inputs:
         if "#" not in item.name and item.name in series_of:
             grouped.setdefault(series_of[item.name], []).append(item)
+    return segment_series(root=root, grouped=grouped, module=module, meta=meta)
+
+
+def file_segmentations(*, root: Any, module: Any, inputs: Sequence[Any],
+                       meta: dict[str, Any]) -> tuple[list[Dataset], dict[str, str]]:
+    """``predict --input`` on DICOM files: one SEG per series among ``inputs`` (names relative to ``root``).
+
+    Returns the SEG objects and, by input name, why an input got none (not a single-frame
+    DICOM image: a SEG must reference its source instance).
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from pydicom import dcmread  # noqa: PLC0415
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+
+    base = Path(root)
+    grouped: dict[str, list[Any]] = {}
+    skipped: dict[str, str] = {}
+    for item in inputs:
+        if "#" in item.name:
+            skipped[item.name] = "a frame of a multi-frame or .npz input: no single source instance to reference"
+            continue
+        try:
+            header = dcmread(base / item.name, stop_before_pixels=True)
+            grouped.setdefault(str(header.SeriesInstanceUID), []).append(item)
+        except (InvalidDicomError, AttributeError, OSError) as err:
+            skipped[item.name] = f"not a DICOM image with a SeriesInstanceUID ({type(err).__name__})"
+    failed: dict[str, str] = {}
+    segs = segment_series(root=base, grouped=grouped, module=module, meta=meta, failed=failed)
+    for uid, why in failed.items():
+        skipped.update({item.name: f"its series' SEG could not be built: {why}" for item in grouped[uid]})
+    return segs, skipped
+
+
+def segment_series(*, root: Any, grouped: dict[str, list[Any]], module: Any, meta: dict[str, Any],
+                   failed: dict[str, str] | None = None) -> list[Dataset]:
+    """One SEG per series of ``grouped`` (series UID -> inputs under ``root``), masks resized back (nearest).
+
+    A series whose SEG cannot be built (e.g. two slices at one position) raises ValueError,
+    or with ``failed`` given is recorded there (series UID -> reason) and the others go on.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415, N812
+    from pydicom import dcmread  # noqa: PLC0415
+
+    from federation.inference.predict import predict_probabilities  # noqa: PLC0415
+
     names = list(meta.get("label_names") or [])
     model = ModelIdentity.from_meta(meta)
     out = []
-    for _, items in sorted(grouped.items()):
-        sources = [dcmread(root / item.name) for item in items]
+    for uid, items in sorted(grouped.items()):
+        sources = [dcmread(Path(root) / item.name) for item in items]
         probs = predict_probabilities(module, np.stack([item.image for item in items]))
         classes = probs.argmax(axis=1).astype(np.uint8)  # (N, h, w)
         size = (int(sources[0].Rows), int(sources[0].Columns))
         labelmap = F.interpolate(torch.from_numpy(classes)[:, None].float(), size=size, mode="nearest")[:, 0]
         k = probs.shape[1]
-        out.append(segmentation_object(source_images=sources, labelmap=labelmap.numpy().astype(np.uint8),
-                                       label_names=names[:k] if len(names) >= k else [f"class-{i}" for i in range(k)],
-                                       model=model))
+        try:
+            out.append(segmentation_object(
+                source_images=sources, labelmap=labelmap.numpy().astype(np.uint8), model=model,
+                label_names=names[:k] if len(names) >= k else [f"class-{i}" for i in range(k)]))
+        except ValueError as err:  # highdicom's checks of the source images (positions, sizes)
+            if failed is None:
+                raise
+            failed[uid] = str(err)
     return out
