@@ -135,3 +135,19 @@ def test_a_segmentation_site_reports_its_personalized_dice_through_the_guard(tmp
     assert after["personal-loss"] != after["loss"]
     content = RecordDict({"site": ConfigRecord({"name": "site-1"}), "metrics": MetricRecord(after)})
     check_reply(content, allowed_metrics=evaluate_metrics("segmentation"))
+
+
+def test_no_personal_dice_leaves_where_the_global_dice_was_withheld(tmp_path: Path) -> None:
+    """A coordinator turning personalization on learns nothing the site's floor withheld from the global metrics."""
+    from client.personal import personal_task_metrics
+    from federation.config import load_config
+
+    config = load_config(None, ["data.dataset=synthetic_seg", "data.task=segmentation", "model.name=unet",
+                                "model.width=4", "train.local_norm=true"])
+    settings = SiteSettings(name="site-1", site_index=0, num_sites=2, data_dir=str(tmp_path), state_dir=tmp_path / "s",
+                            run_name="r")
+    model = build_model(config.model, in_channels=1, num_classes=2, dp=True, task="segmentation")
+    keep_local_norm(model, settings=settings, local=model.state_dict(), global_weights=model.state_dict())
+    assert (settings.run_state_dir / LOCAL_NORM_FILE).is_file()  # the site has a personal model to evaluate
+    assert personal_task_metrics(model, data=None, config=config, released={"loss": 0.3, "dice-n": 3.0},  # type: ignore[arg-type]
+                                 global_weights=model.state_dict(), settings=settings) == {}

@@ -292,3 +292,19 @@ def _plain_reply(weights: dict, examples: int) -> Message:
     return Message(content=content, metadata=Metadata(
         run_id=1, message_id=uuid.uuid4().hex, src_node_id=NODES[0], dst_node_id=1, reply_to_message_id="x",
         group_id="1", created_at=time.time(), ttl=600.0, message_type="train"))
+
+
+def test_a_second_unmask_request_is_refused_even_after_the_next_rounds_keys(flower_task_identity):
+    """A hostile coordinator asks again for round 1's shares (now naming a live site as dropped): refused."""
+    updates, examples, global_arrays = _federation()
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    _secure_round(grid, global_arrays)
+    node, victim = NODES[0], NODES[1]
+    again = {"stage": "unmask", "round": 1, "next": 2, "active": [str(n) for n in NODES if n != victim],
+             "dropped": [str(victim)]}
+    request = Message(RecordDict({"secagg": ConfigRecord(again), "config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=node, message_type="query.secagg")
+    stage, reply = answer_stage(request, grid.contexts[node])
+    assert stage == "unmask" and "secagg" not in reply  # no shares, and no fresh keys either
+    assert reply["status"]["refused"].startswith("secagg-protocol: ")
+    assert "round 2" in reply["status"]["refused"]  # its round-1 secrets were replaced by round 2's keys
