@@ -103,7 +103,6 @@ LAZY_NAMES: Mapping[str, tuple[str, str]] = {
     "combine_shares": ("flwr.common.secure_aggregation.crypto.shamir", "combine_shares"),
     "encrypt": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "encrypt"),
     "decrypt": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "decrypt"),
-    "generate_shared_key": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "generate_shared_key"),
     "share_keys_plaintext_concat": ("flwr.common.secure_aggregation.secaggplus_utils", "share_keys_plaintext_concat"),
     "share_keys_plaintext_separate": (
         "flwr.common.secure_aggregation.secaggplus_utils", "share_keys_plaintext_separate"

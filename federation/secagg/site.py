@@ -1,14 +1,16 @@
 """A site's side of one secure-aggregation round.
 
-Four requests reach a site, in order, all in the same training round:
+Four steps make up a site's part of a round, in order (the first two usually arrive with the
+previous round's unmask request):
 
 1. **advertise**: make two fresh key pairs and a self-mask seed; send the public keys.
-   After round 1 this step rides on the previous round's unmask reply (the keys of
-   round r + 1 are made when round r is unmasked), which saves a message round trip.
+   After round 1 this step rides on an earlier reply (a share or unmask reply also
+   carries a later round's fresh keys), which saves a message round trip.
 2. **share** (with the round's parameters): given its neighbours' public keys, split
    the self-mask seed and the masking private key into Shamir shares (``threshold``
    of ``holders``), encrypt each neighbour's pair of shares for it, and send the
-   ciphertexts (the coordinator routes them; it cannot read them).
+   ciphertexts (the coordinator routes them; it cannot read them). After round 1 this
+   step usually rides on the previous round's unmask exchange.
 3. **train** (with the ciphertexts addressed to this site): train, then send the update
    quantized, weighted and masked (:meth:`SiteSecAgg.masked_vector`).
 4. **unmask**: given which sites sent a masked update and which dropped out, send the
@@ -22,7 +24,6 @@ unmask request in the same round.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +64,9 @@ class SiteSecAgg:
 
     node_id: int
     server_round: int
-    channel_private: bytes  # DER P-384 (never shared)
+    channel_private: bytes  # raw X25519 (never shared)
     mask_private: bytes  # raw X25519 (Shamir-shared)
-    self_seed: bytes  # 16 bytes: AES-128 key of the self mask (Shamir-shared)
+    self_seed: bytes  # 15 bytes: the self mask's AES key derives from it (Shamir-shared)
     params: SecAggParams | None = None  # set by the share request
     stage: str = "advertised"
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (channel pk, mask pk)
@@ -76,10 +77,10 @@ class SiteSecAgg:
     @classmethod
     def start(cls, *, node_id: int, server_round: int) -> tuple[SiteSecAgg, bytes, bytes]:
         """Stage 1: fresh key pairs and self-mask seed; returns the state and the two public keys."""
-        channel, mask = keys.new_private_key(), keys.new_mask_key()
-        state = cls(node_id=node_id, server_round=server_round, channel_private=keys.private_key_bytes(channel),
-                    mask_private=mask, self_seed=os.urandom(16))
-        return state, keys.public_key_bytes(channel), keys.mask_public_key(mask)
+        channel, mask = keys.new_private_key(), keys.new_private_key()
+        state = cls(node_id=node_id, server_round=server_round, channel_private=channel, mask_private=mask,
+                    self_seed=keys.new_self_seed())
+        return state, keys.public_key(channel), keys.public_key(mask)
 
     def share_keys(self, neighbours: Mapping[int, tuple[bytes, bytes]], *, params: SecAggParams) -> dict[int, bytes]:
         """Stage 2: encrypted shares of the self-mask seed and the masking key, one ciphertext per neighbour."""
@@ -95,14 +96,13 @@ class SiteSecAgg:
             raise SecAggProtocolError("; ".join(problems))
         seed_shares = create_shares(self.self_seed, params.threshold, len(holders))
         key_shares = create_shares(self.mask_private, params.threshold, len(holders))
-        channel = keys.load_private_key(self.channel_private)
         out: dict[int, bytes] = {}
         for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
             if holder == self.node_id:
                 self.own_shares = (seed_share, key_share)
                 continue
             channel_pk, _ = neighbours[holder]
-            self.channel_keys[holder] = keys.channel_key(channel, channel_pk)  # kept for unmasking
+            self.channel_keys[holder] = keys.channel_key(self.channel_private, channel_pk)  # kept for unmasking
             plaintext = share_keys_plaintext_concat(self.node_id, holder, seed_share, key_share)
             out[holder] = encrypt(self.channel_keys[holder], plaintext)
         self.neighbours = {int(node): (bytes(a), bytes(b)) for node, (a, b) in neighbours.items()}
@@ -126,7 +126,7 @@ class SiteSecAgg:
         """Stage 3b: ``vector`` (uint64) plus the self mask and the pairwise masks (mod 2**64)."""
         self._expect("received")
         masked = vector.astype(np.uint64, copy=True)
-        masked += prg_mask(self.self_seed, masked.size)
+        masked += prg_mask(keys.self_mask_key(self.self_seed), masked.size)
         for peer in self.received:
             mask = prg_mask(keys.mask_seed(self.mask_private, self.neighbours[peer][1]), masked.size)
             if mask_sign(self.node_id, peer) > 0:

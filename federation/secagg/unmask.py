@@ -53,7 +53,8 @@ def reconstruct_sum(
     for vector in masked.values():
         total += vector
     for node in masked:
-        total -= prg_mask(_combine(seed_shares.get(node, ()), threshold=threshold, what=f"site {node}"), total.size)
+        seed = _combine(seed_shares.get(node, ()), threshold=threshold, what=f"site {node}")
+        total -= prg_mask(keys.self_mask_key(seed), total.size)
     for dropped, shares in key_shares.items():
         private = _combine(shares, threshold=threshold, what=f"dropped site {dropped}")  # raw X25519 key
         for node in masked:
