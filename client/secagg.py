@@ -14,6 +14,7 @@ guard checks the other replies.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Mapping
@@ -32,66 +33,121 @@ logger = logging.getLogger(__name__)
 SECAGG_KEY = "secagg"
 #: The one array of a masked training reply (the coordinator's wrapper reads it by this name).
 MASKED_ARRAY = "secagg-masked"
-#: What each stage's reply may hold (the unmask reply may also carry the next round's public keys).
-_REPLY_ENTRIES = {"advertise": ({"pk1", "pk2"},), "share": ({"dsts", "ctxts"},),
+#: RecordDict key of the next round's share step, sent ahead within this round's unmask request and reply.
+AHEAD_KEY = "secagg-ahead"
+#: What each stage's reply may hold (a share or unmask reply may also carry the public keys of a later round).
+_REPLY_ENTRIES = {"advertise": ({"pk1", "pk2"},), "share": ({"dsts", "ctxts"}, {"dsts", "ctxts", "pk1", "pk2"}),
                   "unmask": ({"nids", "shares"}, {"nids", "shares", "pk1", "pk2"})}
 _NODE_ID = re.compile(r"^[0-9]{1,20}$")
-_MAX_BLOB = 4096  # bytes: a compressed P-384 point, an X25519 key, a Fernet ciphertext of two shares, a share
+_MAX_BLOB = 4096  # bytes: an X25519 public key, a Fernet ciphertext of two shares, a share
+#: Context.state slots: a site holds the secrets of at most two rounds (the one being unmasked and the next).
+_SLOTS = (SECAGG_KEY, f"{SECAGG_KEY}-later")
 
 
-def _record(msg: Message) -> ConfigRecord:
-    record = msg.content.config_records.get(SECAGG_KEY) if msg.has_content() else None
+def _record(msg: Message, key: str = SECAGG_KEY) -> ConfigRecord:
+    record = msg.content.config_records.get(key) if msg.has_content() else None
     if not isinstance(record, ConfigRecord):
         raise SecAggProtocolError("the request carries no secure-aggregation record")
     return record
 
 
-def _load(context: Context, server_round: int) -> SiteSecAgg:
-    saved = context.state.config_records.get(SECAGG_KEY)
-    if not isinstance(saved, ConfigRecord):
-        raise SecAggProtocolError("no secure-aggregation keys were made for this round")
-    state = SiteSecAgg.from_state_dict(dict(saved.items()))
-    if state.server_round != server_round:
-        raise SecAggProtocolError(f"the keys are of round {state.server_round}, the request of round {server_round}")
-    return state
+def _states(context: Context) -> dict[int, SiteSecAgg]:
+    """The rounds whose secrets the site holds, by round."""
+    states = {}
+    for slot in _SLOTS:
+        saved = context.state.config_records.get(slot)
+        if isinstance(saved, ConfigRecord) and len(saved):
+            state = SiteSecAgg.from_state_dict(dict(saved.items()))
+            states[state.server_round] = state
+    return states
 
 
-def _save(context: Context, state: SiteSecAgg) -> None:
-    context.state[SECAGG_KEY] = ConfigRecord(state.state_dict())
+def _load(states: Mapping[int, SiteSecAgg], server_round: int) -> SiteSecAgg:
+    if server_round not in states:
+        held = ", ".join(str(r) for r in sorted(states)) or "none"
+        raise SecAggProtocolError(f"no secure-aggregation keys were made for round {server_round} "
+                                  f"(the site holds keys of round {held})")
+    return states[server_round]
+
+
+def _fresh(states: dict[int, SiteSecAgg], *, node_id: int, server_round: int) -> tuple[bytes, bytes]:
+    """New keys for ``server_round``; they replace that round's and any later round's, and rounds before the last."""
+    for old in [r for r in states if r >= server_round or r < server_round - 1]:
+        del states[old]
+    state, pk1, pk2 = SiteSecAgg.start(node_id=node_id, server_round=server_round)
+    states[server_round] = state
+    return pk1, pk2
+
+
+def _save(context: Context, states: Mapping[int, SiteSecAgg]) -> None:
+    """Keep the two latest rounds' states (a finished round's secrets are dropped by the caller)."""
+    kept = sorted(states)[-len(_SLOTS):]
+    for index, slot in enumerate(_SLOTS):
+        if index < len(kept):
+            context.state[slot] = ConfigRecord(states[kept[index]].state_dict())
+        elif slot in context.state:
+            del context.state[slot]
 
 
 def answer_stage(msg: Message, context: Context) -> tuple[str, RecordDict]:
     """Answer one ``query.secagg`` request; returns the stage and the reply content (checked).
 
-    An unmask request that names the next round (``next``) is also answered with that
-    round's fresh public keys, so the next round needs no advertise step. A request
-    that breaks the protocol is answered with a ``secagg-protocol`` refusal.
+    A share or unmask request that names a later round (``next``) is also answered with
+    that round's fresh public keys. An unmask request may carry the next round's share
+    step (``secagg-ahead``), so that the next round needs neither an advertise nor a share
+    exchange: it is answered in the same reply when it can be, and left out (the next round
+    then falls back to the two exchanges) when it cannot. A request that breaks the
+    protocol is answered with a ``secagg-protocol`` refusal, and nothing of it is kept.
     """
     record = _record(msg)
-    stage, server_round = str(record.get("stage", "")), int(record.get("round", 0))
+    stage = str(record.get("stage", ""))
+    states = _states(context)
     try:
-        if stage == "advertise":
-            state, pk1, pk2 = SiteSecAgg.start(node_id=int(context.node_id), server_round=server_round)
-            reply = {"pk1": pk1, "pk2": pk2}
-        elif stage == "share":
-            state = _load(context, server_round)
-            neighbours = {int(n): (bytes(a), bytes(b)) for n, a, b in zip(record["nids"], record["pk1s"], record["pk2s"])}
-            out = state.share_keys(neighbours, params=SecAggParams.from_config(dict(record.items())))
-            reply = {"dsts": [str(n) for n in out], "ctxts": list(out.values())}
-        elif stage == "unmask":
-            state = _load(context, server_round)
-            shares = state.unmask(active=[int(n) for n in record["active"]], dropped=[int(n) for n in record["dropped"]])
-            reply = {"nids": [str(n) for n in shares], "shares": list(shares.values())}
-            if int(record.get("next", 0)) == server_round + 1:  # this round is done: its secrets can go
-                state, pk1, pk2 = SiteSecAgg.start(node_id=int(context.node_id), server_round=server_round + 1)
-                reply.update(pk1=pk1, pk2=pk2)
-        else:
-            raise SecAggProtocolError(f"unknown stage {stage[:20]!r}")
+        reply = RecordDict({SECAGG_KEY: ConfigRecord(_answer(stage, record, states, node_id=int(context.node_id)))})
     except (SecAggProtocolError, KeyError, ValueError) as error:
         logger.warning("secure aggregation %s request refused: %s", stage[:20], error)
         return stage, RecordDict({"status": ConfigRecord({"refused": refusal("secagg-protocol", _safe(error))})})
-    _save(context, state)
-    return stage, check_stage_reply(RecordDict({SECAGG_KEY: ConfigRecord(reply)}), stage=stage)
+    if stage == "unmask" and AHEAD_KEY in msg.content.config_records:
+        ahead = _record(msg, AHEAD_KEY)
+        try:
+            if str(ahead.get("stage", "")) != "share" or int(ahead.get("round", 0)) != int(record["round"]) + 1:
+                raise SecAggProtocolError("only the next round's share step can be sent ahead")
+            trial = {r: copy.deepcopy(state) for r, state in states.items()}  # kept only if answered
+            answered = _answer("share", ahead, trial, node_id=int(context.node_id))
+        except (SecAggProtocolError, KeyError, ValueError) as error:  # the next round falls back to its own exchanges
+            logger.warning("secure aggregation: the next round's share step sent ahead was not answered: %s", error)
+        else:
+            states = trial
+            reply[AHEAD_KEY] = ConfigRecord(answered)
+    _save(context, states)
+    return stage, check_stage_reply(reply, stage=stage)
+
+
+def _answer(stage: str, record: ConfigRecord, states: dict[int, SiteSecAgg], *, node_id: int) -> dict:
+    """One stage's reply entries; updates ``states`` (raises SecAggProtocolError for a request to refuse)."""
+    server_round = int(record.get("round", 0))
+    if stage == "advertise":
+        pk1, pk2 = _fresh(states, node_id=node_id, server_round=server_round)
+        return {"pk1": pk1, "pk2": pk2}
+    if stage == "share":
+        state = _load(states, server_round)
+        neighbours = {int(n): (bytes(a), bytes(b)) for n, a, b in zip(record["nids"], record["pk1s"], record["pk2s"])}
+        out = state.share_keys(neighbours, params=SecAggParams.from_config(dict(record.items())))
+        reply: dict = {"dsts": [str(n) for n in out], "ctxts": list(out.values())}
+    elif stage == "unmask":
+        state = _load(states, server_round)
+        shares = state.unmask(active=[int(n) for n in record["active"]], dropped=[int(n) for n in record["dropped"]])
+        del states[server_round]  # one answer per round: this round's secrets are gone
+        reply = {"nids": [str(n) for n in shares], "shares": list(shares.values())}
+    else:
+        raise SecAggProtocolError(f"unknown stage {stage[:20]!r}")
+    later = int(record.get("next", 0))
+    if later:
+        if later != server_round + 1:
+            raise SecAggProtocolError(f"keys can be made ahead for round {server_round + 1} only, not {later}")
+        pk1, pk2 = _fresh(states, node_id=node_id, server_round=later)
+        reply.update(pk1=pk1, pk2=pk2)
+    return reply
 
 
 def _safe(error: Exception) -> str:
@@ -103,9 +159,17 @@ def _safe(error: Exception) -> str:
 def check_stage_reply(content: RecordDict, *, stage: str) -> RecordDict:
     """Raise :class:`OutboundViolation` unless ``content`` holds only what ``stage`` sends."""
     allowed = _REPLY_ENTRIES.get(stage)
-    if allowed is None or set(content.keys()) != {SECAGG_KEY}:
+    ahead_allowed = {SECAGG_KEY, AHEAD_KEY} if stage == "unmask" else {SECAGG_KEY}
+    if allowed is None or SECAGG_KEY not in content or not set(content.keys()) <= ahead_allowed:
         raise OutboundViolation(f"secure-aggregation reply to {stage!r} carries {sorted(content.keys())}")
-    record = content[SECAGG_KEY]
+    if AHEAD_KEY in content:
+        _check_record(content[AHEAD_KEY], stage="share")
+    _check_record(content[SECAGG_KEY], stage=stage)
+    return content
+
+
+def _check_record(record: object, *, stage: str) -> None:
+    allowed = _REPLY_ENTRIES[stage]
     if not isinstance(record, ConfigRecord) or set(record.keys()) not in allowed:
         raise OutboundViolation(f"secure-aggregation reply to {stage!r} must hold exactly one of "
                                 f"{[sorted(entries) for entries in allowed]}")
@@ -115,7 +179,6 @@ def check_stage_reply(content: RecordDict, *, stage: str) -> RecordDict:
             ok = _NODE_ID.match(item) if isinstance(item, str) else isinstance(item, bytes) and len(item) <= _MAX_BLOB
             if not ok:
                 raise OutboundViolation(f"secure-aggregation entry {name!r} holds something other than ids or keys")
-    return content
 
 
 def secure_round(msg: Message, context: Context, *, server_round: int) -> SiteSecAgg | None:
@@ -126,9 +189,10 @@ def secure_round(msg: Message, context: Context, *, server_round: int) -> SiteSe
     if not msg.has_content() or SECAGG_KEY not in msg.content.config_records:
         return None
     record = msg.content.config_records[SECAGG_KEY]
-    state = _load(context, server_round)
+    states = _states(context)
+    state = _load(states, server_round)
     state.receive({int(n): bytes(c) for n, c in zip(record["srcs"], record["ctxts"])})
-    _save(context, state)
+    _save(context, states)
     return state
 
 
@@ -147,7 +211,9 @@ def masked_update(
         logger.warning("secure aggregation: %.2f%% of the update's elements exceed secagg.clipping_range=%g "
                        "and were clipped", 100 * clipped, params.clipping_range)
     masked = state.masked_vector(vector)
-    _save(context, state)
+    states = _states(context)
+    states[state.server_round] = state
+    _save(context, states)
     return ArrayRecord({MASKED_ARRAY: Array(masked)})
 
 

@@ -116,27 +116,68 @@ def test_secure_sum_equals_plain_fedavg_with_dropouts(flower_task_identity, stag
         assert error <= STEP, f"{name}: {error} above one quantization step {STEP}"
 
 
-def test_the_next_rounds_keys_ride_on_the_unmask_reply(flower_task_identity):
-    """Round 2 needs no advertise step, except for a site whose unmask reply (and so its next keys) was lost."""
+def _rounds(grid: FakeGrid, strategy: SecureAggregation, global_arrays: dict, examples: dict, updates: dict,
+            drops: dict[int, dict[str, set[int]]]) -> list[list[tuple[str, int]]]:
+    """Run rounds 1..len(drops) (``drops[r]``: who goes silent at which stage); each round's model is
+    checked against plain FedAvg of the sites that trained. Returns each round's requests (stage, node)."""
+    current, requests = dict(global_arrays), []
+    for server_round, drop in drops.items():
+        grid.drop, before = drop, len(grid.requests)
+        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in current.items()})
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+        trained = [int(m.metadata.dst_node_id) for m in messages if int(m.metadata.dst_node_id) not in drop.get(
+            "train", ())]
+        secured, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        total = sum(examples[n] for n in trained)
+        for name in SHAPES:
+            plain = current[name] + sum(updates[n][name] * examples[n] for n in trained) / total
+            assert np.abs(secured[name].numpy() - plain).max() <= STEP, f"round {server_round}, {name}"
+        current = {k: secured[k].numpy() for k in SHAPES}
+        requests.append(grid.requests[before:])
+    return requests
+
+
+def _count(requests: list[tuple[str, int]], stage: str) -> int:
+    return sum(s == stage for s, _ in requests)
+
+
+def test_from_round_two_a_secure_round_adds_one_exchange(flower_task_identity):
+    """With every site sampled, the next round's keys and shares ride on this round's unmask exchange."""
     updates, examples, global_arrays = _federation(seed=3)
     grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
-    grid.drop["unmask"] = {NODES[2]}  # round 1: one site's unmask reply never arrives (4 of 5 still unmask)
     strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
-    current = dict(global_arrays)
-    for server_round in (1, 2):
-        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in current.items()})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
-        secured, _ = strategy.aggregate_train(server_round, replies)
-        grid.drop = {}
-        total = sum(examples.values())
-        for name in SHAPES:  # every site trains to its update from the current model, in both rounds
-            plain = current[name] + sum(updates[n][name] * examples[n] for n in NODES) / total
-            assert np.abs(secured[name].numpy() - plain).max() <= STEP
-        current = {k: secured[k].numpy() for k in SHAPES}
-    advertised = [node for stage, node in grid.requests if stage == "advertise"]
-    assert sorted(advertised[:5]) == sorted(NODES)  # all of round 1 (sampled in random order)
-    assert advertised[5:] == [NODES[2]]  # in round 2 only the site whose keys were lost
-    assert sum(stage == "share" for stage, _ in grid.requests) == 2 * len(NODES)
+    rounds = _rounds(grid, strategy, global_arrays, examples, updates, {1: {}, 2: {}, 3: {}})
+    assert [(_count(r, "advertise"), _count(r, "share"), _count(r, "train"), _count(r, "unmask")) for r in rounds] \
+        == [(5, 5, 5, 5), (0, 0, 5, 5), (0, 0, 5, 5)]
+    states = [state_record["server_round"] for state_record in (
+        grid.contexts[NODES[0]].state.config_records.get(slot) for slot in ("secagg", "secagg-later"))]
+    assert states == [4, 5]  # a site holds two rounds' secrets: the next one shared, the one after advertised
+
+
+def test_a_lost_reply_makes_the_next_round_exchange_keys_again(flower_task_identity):
+    """A site whose unmask reply never arrives (round 1) or that drops out of training (round 3) shared no keys
+    for the next round: that round falls back to advertise + share for every site (those that shared ahead
+    make fresh keys), and the round after needs neither again."""
+    updates, examples, global_arrays = _federation(seed=4)
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
+    rounds = _rounds(grid, strategy, global_arrays, examples, updates,
+                     {1: {"unmask": {NODES[2]}}, 2: {}, 3: {"train": {NODES[4]}}, 4: {}, 5: {}})
+    assert [(_count(r, "advertise"), _count(r, "share"), _count(r, "unmask")) for r in rounds] \
+        == [(5, 5, 5), (5, 5, 5), (0, 0, 4), (5, 5, 5), (0, 0, 5)]
+
+
+def test_with_a_sample_of_the_sites_keys_ride_on_the_unmask_reply(flower_task_identity):
+    """When the strategy samples a subset, the next round's sample is unknown: only the keys are made ahead."""
+    updates, examples, global_arrays = _federation(seed=5)
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    inner = FedAvg(fraction_train=0.8, min_train_nodes=4, min_available_nodes=5)
+    strategy = SecureAggregation(inner=inner, params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
+    rounds = _rounds(grid, strategy, global_arrays, examples, updates, {1: {}, 2: {}, 3: {}})
+    assert [(_count(r, "share"), _count(r, "train"), _count(r, "unmask")) for r in rounds] == [(4, 4, 4)] * 3
+    sampled = [{n for s, n in r if s == "train"} for r in rounds]
+    for previous, now, requests in zip(sampled, sampled[1:], rounds[1:]):  # only a newly sampled site advertises
+        assert {n for s, n in requests if s == "advertise"} == now - previous
 
 
 def test_below_the_threshold_the_round_is_not_aggregated_and_no_site_unmasks(flower_task_identity):
