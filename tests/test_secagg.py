@@ -303,10 +303,17 @@ def test_real_sites_train_under_secure_aggregation(flower_task_identity, tmp_pat
 
 @pytest.mark.parametrize("inner_name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"])
 def test_server_optimizers_get_the_same_model_from_the_secure_sum(flower_task_identity, inner_name):
-    """Every strategy secure aggregation allows moves the global model from the mean update as from plain replies."""
+    """Every strategy secure aggregation allows moves the global model from the mean update as from plain replies.
+
+    Weights and updates lie on the quantization grid, so no element is rounded at random: adaptive optimizers
+    (FedAdagrad: ``eta * m / (sqrt(v) + tau)``) amplify a rounding error in a near-zero mean update, which made
+    this comparison fail about one run in 30 with random updates."""
     from strategies import build_strategy
 
     updates, examples, global_arrays = _federation(seed=2)
+    on_grid = lambda a: (np.round(a / STEP) * STEP).astype(np.float32)  # noqa: E731 - exact in float32 (|a| < 2**8)
+    updates = {n: {k: on_grid(v) for k, v in u.items()} for n, u in updates.items()}
+    global_arrays = {k: on_grid(v) for k, v in global_arrays.items()}
     config = load_config(None, [f"strategy.name={inner_name}", "data.num_sites=5", "strategy.min_sites=5"])
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()})
 
@@ -324,7 +331,7 @@ def test_server_optimizers_get_the_same_model_from_the_secure_sum(flower_task_id
     mean = {k: global_arrays[k] + sum(updates[n][k] * examples[n] for n in NODES) / total for k in SHAPES}
     plain, _ = plain_strategy.aggregate_train(1, [_plain_reply(mean, total)])
     for name in SHAPES:
-        assert np.abs(secured[name].numpy() - plain[name].numpy()).max() <= STEP  # measured: 0.002-0.9 steps
+        assert np.abs(secured[name].numpy() - plain[name].numpy()).max() <= STEP / 100  # measured: <= 0.004 steps
 
 
 def _plain_reply(weights: dict, examples: int) -> Message:
