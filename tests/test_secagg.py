@@ -356,3 +356,25 @@ def test_a_second_unmask_request_is_refused_even_after_the_next_rounds_keys(flow
     assert stage == "unmask" and "secagg" not in reply  # no shares, and no fresh keys either
     assert reply["status"]["refused"].startswith("secagg-protocol: ")
     assert "round 2" in reply["status"]["refused"]  # its round-1 secrets were replaced by round 2's keys
+
+
+def test_a_hostile_share_step_sent_ahead_is_left_unanswered_and_the_unmask_still_is(flower_task_identity):
+    """The next round's share step rides on the unmask request: one that would pair the site with a single
+    neighbour (below the 3 holders a sum needs to hide a site) gets no shares, and changes nothing."""
+    updates, examples, global_arrays = _federation()
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()})
+    grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord({}), grid))  # shared, then masked
+    node, other = NODES[0], NODES[1]
+    unmask = {"stage": "unmask", "round": 1, "active": [str(n) for n in NODES], "dropped": []}
+    ahead = {"stage": "share", "round": 2, **_params(1).to_config(), "nids": [str(other)], "pk1s": [bytes(32)],
+             "pk2s": [bytes(32)], "next": 3}
+    request = Message(RecordDict({"secagg": ConfigRecord(unmask), "secagg-ahead": ConfigRecord(ahead),
+                                  "config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                      message_type="query.secagg")
+    stage, reply = answer_stage(request, grid.contexts[node])
+    assert stage == "unmask" and set(reply.keys()) == {"secagg"}  # no shares for round 2, no keys for round 3
+    assert len(reply["secagg"]["shares"]) == len(NODES)  # round 1 is still unmasked
+    kept = [grid.contexts[node].state[slot] for slot in ("secagg", "secagg-later") if slot in grid.contexts[node].state]
+    assert [(r["server_round"], r["stage"]) for r in kept] == [(2, "advertised")]  # round 2 can still be shared
