@@ -32,10 +32,11 @@ from _common import REPO, Stats, loadavg, machine, ratio, say, write_json
 TRAIN_FRACTION = 0.8  # the synthetic dataset keeps 20 % of its images as the test split
 
 
-def round_times(sites: int, rounds: int, per_site: int, secure: bool, tmp: str, repeat: int) -> list[float]:
+def round_times(sites: int, rounds: int, per_site: int, secure: bool, tmp: str, repeat: int,
+                num_shares: int = 0) -> list[float]:
     """Steady round times of one ``medfed simulate`` run (round 1 left out)."""
     name = f"{'secure' if secure else 'plain'}-{sites}-{repeat}"
-    overrides = [f"data.num_sites={sites}", f"server.rounds={rounds}",
+    overrides = [f"data.num_sites={sites}", f"server.rounds={rounds}", f"secagg.num_shares={num_shares}",
                  f"data.num_samples={int(round(per_site * sites / TRAIN_FRACTION))}", f"strategy.min_sites={sites}",
                  f"secagg.enabled={str(secure).lower()}", f"server.out_dir={tmp}", f"server.run_name={name}"]
     command = [str(Path(sys.executable).with_name("medfed")), "simulate"]
@@ -50,7 +51,7 @@ def round_times(sites: int, rounds: int, per_site: int, secure: bool, tmp: str, 
     return [b - a for a, b in zip(times[1:], times[2:])]
 
 
-def payload_bytes(sites: int) -> dict[str, int]:
+def payload_bytes(sites: int, num_shares: int = 0) -> dict[str, int]:
     """Bytes to and from one site in one round of the default CNN, plain and secure (in-process protocol)."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_secagg import FakeGrid, _protocol_site  # the tests' in-process grid and protocol site
@@ -90,7 +91,7 @@ def payload_bytes(sites: int) -> dict[str, int]:
         return original(messages, timeout=timeout)
 
     grid.send_and_receive = recording
-    strategy = SecureAggregation(inner=FedAvg(), params=params, num_shares=settings.num_shares,
+    strategy = SecureAggregation(inner=FedAvg(), params=params, num_shares=num_shares,
                                  threshold_fraction=settings.threshold, timeout=None)
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in weights.items()})
     for server_round in (1, 2):  # round 1 exchanges keys and shares on its own; round 2 is a steady round
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-site", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-shares", type=int, default=0,
+                        help="secagg.num_shares: share holders per site (0: every site, the default)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args()
     results: dict = {"machine": machine(), "args": vars(args), "sites": {}}
@@ -130,9 +133,10 @@ def main() -> None:
             for repeat in range(args.repeats):
                 load = loadavg()
                 plain.append(statistics.median(round_times(sites, args.rounds, args.per_site, False, tmp, repeat)))
-                secure.append(statistics.median(round_times(sites, args.rounds, args.per_site, True, tmp, repeat)))
+                secure.append(statistics.median(round_times(sites, args.rounds, args.per_site, True, tmp, repeat,
+                                                            args.num_shares)))
                 say(f"{sites} sites (load {load}): plain {plain[-1]:.2f} s, secure {secure[-1]:.2f} s a round")
-        sizes = payload_bytes(sites)
+        sizes = payload_bytes(sites, args.num_shares)
         row = {"plain": Stats(plain).as_dict(), "secure": Stats(secure).as_dict(),
                "ratio": ratio(secure, plain).as_dict(), "bytes": sizes}
         results["sites"][sites] = row
