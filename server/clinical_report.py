@@ -163,7 +163,9 @@ def _atomic_text(path: Path, text: str) -> None:
 def write_clinical_report(
     run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None, redraw_plots: bool = True
 ) -> Path:
-    """Write ``clinical/report.md``, ``clinical/fairness.json`` and the plots of a run.
+    """Write a run's clinical report ``clinical/report.md`` and its plots, as its task has it (:data:`CLINICAL_REPORTS`).
+
+    A classifier's adds ``clinical/fairness.json``; a segmentation run's, per-structure tables.
 
     Args:
         run_dir: The run directory.
@@ -178,12 +180,29 @@ def write_clinical_report(
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
-    if config.data.task == "segmentation":  # per-structure Dice/HD95/volume tables instead of a classifier's rates
-        from server.segmentation_report import write_segmentation_report  # noqa: PLC0415
+    return report_writer(config.data.task)(run, config=config, redraw_plots=redraw_plots)
 
-        return write_segmentation_report(run, out=run / CLINICAL_DIR, report_name=REPORT_FILE,
-                                         gallery=(GALLERY_DIR, GALLERY_INDEX), dataset=config.data.dataset,
-                                         redraw_plots=redraw_plots)
+
+def report_writer(task: str) -> Callable[..., Path]:
+    """The clinical report writer of ``data.task`` (raises ValueError naming the tasks that have one)."""
+    try:
+        return CLINICAL_REPORTS[task]
+    except KeyError:
+        raise ValueError(f"no clinical report for data.task={task!r}; "
+                         f"the tasks with one are {sorted(CLINICAL_REPORTS)}") from None
+
+
+def _segmentation_report(run: Path, *, config: ExperimentConfig, redraw_plots: bool) -> Path:
+    """Per-structure Dice/HD95/volume tables (:mod:`server.segmentation_report`) instead of a classifier's rates."""
+    from server.segmentation_report import write_segmentation_report  # noqa: PLC0415
+
+    return write_segmentation_report(run, out=run / CLINICAL_DIR, report_name=REPORT_FILE,
+                                     gallery=(GALLERY_DIR, GALLERY_INDEX), dataset=config.data.dataset,
+                                     redraw_plots=redraw_plots)
+
+
+def _classification_report(run: Path, *, config: ExperimentConfig, redraw_plots: bool) -> Path:
+    """A classifier's report: per-site rates with intervals, calibration, subgroups, plots."""
     settings = ClinicalSettings.from_config(config.clinical)
     rows = latest_site_rows(run)
     summary = fairness_summary({s: r["metrics"] for s, r in rows.items()}, confidence=settings.confidence,
@@ -215,3 +234,10 @@ def write_clinical_report(
     _atomic_text(report, "\n".join(lines).rstrip() + "\n")
     logger.info("clinical report: %s", report)
     return report
+
+
+#: Each task's clinical report (``data.task`` -> writer); a new task adds its own here.
+CLINICAL_REPORTS: dict[str, Callable[..., Path]] = {
+    "classification": _classification_report,
+    "segmentation": _segmentation_report,
+}

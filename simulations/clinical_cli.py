@@ -308,18 +308,21 @@ def clinical_report_command(
     announce_outputs(finish_run(run_dir))
 
 
-#: The name the Grad-CAM gallery is recorded under in the run's ``outputs.json``.
-GALLERY_OUTPUT = "Grad-CAM gallery"
-
-
 def simulation_gallery(run_dir: Path, outputs: RunOutputs) -> list[Path]:
-    """Simulation only: Grad-CAM gallery of every simulated site, added to the clinical report.
+    """Simulation only: the task's gallery of every simulated site (Grad-CAM, contours), added to the clinical report.
 
-    Recorded in ``outputs`` as written or failed with its reason; returns the panels written.
+    Recorded in ``outputs`` under the gallery's name, as written or failed with its
+    reason; returns the panels written (none for a task without a gallery).
     """
-    from simulations.gallery import write_gallery
+    from federation.config import load_config
+    from server.run_dir import CONFIG_FILE
+    from simulations.gallery import GALLERIES
 
-    return outputs.produce(GALLERY_OUTPUT, lambda: write_gallery(run_dir))
+    config = load_config(run_dir / CONFIG_FILE)
+    gallery = GALLERIES.get(config.data.task)
+    if gallery is None:
+        return []
+    return outputs.produce(gallery.output, lambda: gallery.write(run_dir, config=config))
 
 
 def announce_outputs(outputs: RunOutputs, *, exit_on_failure: bool = True) -> None:

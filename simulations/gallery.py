@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +53,25 @@ def pick_examples(labels01: np.ndarray, p_positive: np.ndarray, *, threshold: fl
     return chosen
 
 
-def write_gallery(
+def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None) -> list[Path]:
+    """Draw the run's task's gallery (:data:`GALLERIES`) into ``clinical/gallery/`` and refresh the report.
+
+    Returns:
+        The PNGs written (none for a task without a gallery).
+    """
+    run = Path(run_dir)
+    config = config or load_config(run / CONFIG_FILE)
+    gallery = GALLERIES.get(config.data.task)
+    if gallery is None:
+        logger.info("no simulation gallery for data.task=%s (galleries: %s)", config.data.task, sorted(GALLERIES))
+        return []
+    return gallery.write(run, config=config)
+
+
+def write_attribution_gallery(
     run_dir: str | os.PathLike[str], *, config: ExperimentConfig | None = None, method: str = DEFAULT_ATTRIBUTION
 ) -> list[Path]:
-    """Draw one explanation figure per simulated site into ``clinical/gallery/`` and refresh the report.
+    """A classifier's gallery: one explanation figure per simulated site, then the report is refreshed.
 
     Needs the run's ``export/`` (written when the run finished). The map shows the
     evidence for the positive class (``clinical.positive_class``) by the attribution
@@ -66,8 +83,6 @@ def write_gallery(
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
-    if config.data.task == "segmentation":
-        return write_contour_gallery(run, config=config)
     settings = ClinicalSettings.from_config(config.clinical)
     model, meta = load_run_model(run)
     if int(meta["preprocessing"].get("spatial_dims", 2)) != 2:
@@ -191,3 +206,18 @@ def write_contour_gallery(run_dir: str | os.PathLike[str], *, config: Experiment
         write_clinical_report(run, config=config, redraw_plots=False)
     logger.info("contour gallery: %d site(s) in %s", len(written), out)
     return written
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A task's simulation gallery: the name ``outputs.json`` records it under, and its writer."""
+
+    output: str
+    write: Callable[..., list[Path]]
+
+
+#: Each task's gallery (``data.task`` -> :class:`Gallery`); a new task adds its own here.
+GALLERIES: dict[str, Gallery] = {
+    "classification": Gallery("Grad-CAM gallery", write_attribution_gallery),
+    "segmentation": Gallery("contour gallery", write_contour_gallery),
+}

@@ -160,9 +160,13 @@ def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
     assert json.loads((run_dir / "export" / "model.json").read_text())["task"] == "segmentation"
     report = (run_dir / "clinical" / "report.md").read_text()
     assert "| site | round | cases | mean Dice [95% CI] | lesion Dice |" in report
-    from simulations.gallery import write_gallery  # simulation only: contours of each site's test cases
+    from server.run_outputs import RunOutputs
+    from simulations.clinical_cli import simulation_gallery  # simulation only: contours of each site's test cases
 
-    assert [p.name for p in write_gallery(run_dir)] == ["site-1.png", "site-2.png"]
+    assert [p.name for p in simulation_gallery(run_dir, RunOutputs.load(run_dir))] == ["site-1.png", "site-2.png"]
+    recorded = RunOutputs.load(run_dir).written()  # outputs.json names it as what it is
+    assert [p.name for p in recorded["contour gallery"]] == ["site-1.png", "site-2.png"]
+    assert "Grad-CAM gallery" not in recorded
     assert "## Contour gallery (simulation only)" in (run_dir / "clinical" / "report.md").read_text()
     evaluated = [row for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
                  if row["phase"] == "evaluate"]
