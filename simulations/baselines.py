@@ -48,16 +48,43 @@ BASELINES_MD = "baselines.md"
 METRICS = ("accuracy", "auc", "loss")
 SEGMENTATION_METRICS = ("dice", "loss")
 """What a segmentation row compares (and each class's ``dice-<c>``): Dice ranks, as AUC does for classifiers."""
-_CLASS_DICE = re.compile(r"dice-\d+")
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What the baselines compare for one task.
+
+    Attributes:
+        metrics: The compared metrics; every site of a finished run reports the first.
+        per_class: A regular expression of per-class metrics compared as well (``""``: none).
+    """
+
+    metrics: tuple[str, ...]
+    per_class: str = ""
+
+    def keeps(self, metric: str) -> bool:
+        """Whether ``metric`` is compared."""
+        return metric in self.metrics or bool(self.per_class and re.fullmatch(self.per_class, metric))
+
+
+#: What the baselines compare for each task (``data.task``); a new task adds its own here.
+COMPARED: dict[str, Compared] = {
+    "classification": Compared(METRICS),
+    "segmentation": Compared(SEGMENTATION_METRICS, per_class=r"dice-\d+"),
+}
+
+
+def compared(task: str) -> Compared:
+    """What the baselines compare for ``data.task`` (raises ValueError naming the tasks they know)."""
+    try:
+        return COMPARED[task]
+    except KeyError:
+        raise ValueError(f"baselines compare no metrics for data.task={task!r}; they know {sorted(COMPARED)}") from None
 
 
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics the baselines compare for ``data.task`` (segmentation adds each class's ``dice-<c>``)."""
-    return SEGMENTATION_METRICS if task == "segmentation" else METRICS
-
-
-def _keeps(metric: str, task: str) -> bool:
-    return metric in task_metrics(task) or (task == "segmentation" and _CLASS_DICE.fullmatch(metric) is not None)
+    return compared(task).metrics
 
 
 @dataclass
@@ -209,9 +236,9 @@ def final_site_metrics(run_dir: Path, config: ExperimentConfig | None = None) ->
 
         config = load_config(run_dir / "config.yaml")
     names = [f"site-{k + 1}" for k in range(config.data.num_sites)]
-    task, headline = config.data.task, task_metrics(config.data.task)[0]
-    if all(name in reported and headline in reported[name] for name in names):
-        return {name: {m: _float(v) for m, v in reported[name].items() if _keeps(m, task)} for name in names}
+    kept = compared(config.data.task)
+    if all(name in reported and kept.metrics[0] in reported[name] for name in names):
+        return {name: {m: _float(v) for m, v in reported[name].items() if kept.keeps(m)} for name in names}
     cache = run_dir / SITE_EVAL_JSON
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -233,12 +260,13 @@ def personalized_result(run_dir: Path, config: ExperimentConfig) -> MethodResult
     summary_path = Path(run_dir) / "summary.json"
     reported = (json.loads(summary_path.read_text()) if summary_path.is_file() else {}).get("final_site_evaluate") or {}
     names = [f"site-{k + 1}" for k in range(config.data.num_sites)]
-    if not all("personal-accuracy" in (reported.get(n) or {}) for n in names):
+    metrics = compared(config.data.task).metrics
+    if not all(f"personal-{metrics[0]}" in (reported.get(n) or {}) for n in names):
         return None
     method = "federated + fine-tuned" if config.train.finetune_rounds else "FedBN"
     method = "Ditto" if config.train.ditto_lambda > 0 else method
-    per_site = {n: {m: _float(reported[n].get(f"personal-{m}")) for m in METRICS} for n in names}
-    return MethodResult(method=method, per_site=per_site, overall={m: math.nan for m in METRICS})
+    per_site = {n: {m: _float(reported[n].get(f"personal-{m}")) for m in metrics} for n in names}
+    return MethodResult(method=method, per_site=per_site, overall={m: math.nan for m in metrics})
 
 
 PERSONALIZED_METHODS = ("FedBN", "federated + fine-tuned", "Ditto")
@@ -320,7 +348,8 @@ def table_metrics(results: list[MethodResult]) -> list[str]:
     held = {m for r in results for m in r.metric_names()}
     if "dice" not in held:
         return ["accuracy", "auc"]
-    return ["dice", *sorted((m for m in held if _CLASS_DICE.fullmatch(m)), key=lambda m: int(m[5:]))]
+    per_class = COMPARED["segmentation"].per_class
+    return ["dice", *sorted((m for m in held if re.fullmatch(per_class, m)), key=lambda m: int(m[5:]))]
 
 
 def ranking(results: list[MethodResult], *, metric: str) -> list[tuple[str, float]]:

@@ -11,7 +11,15 @@ import torch
 
 from federation.config import load_config
 from federation.tasks import get_task
-from simulations.baselines import _fresh_model, final_site_metrics, load_all_sites, ranking, run_baselines
+from simulations.baselines import (
+    _fresh_model,
+    compared,
+    final_site_metrics,
+    load_all_sites,
+    personalized_result,
+    ranking,
+    run_baselines,
+)
 from simulations.sweep_report import comparison, comparison_markdown, ranking_line
 from simulations.sweep_spec import load_sweep
 
@@ -50,6 +58,22 @@ def test_baselines_of_a_tiny_segmentation_run_compare_and_rank_by_dice(tmp_path:
                "num-examples": 7.0} for k, name in enumerate(["site-1", "site-2"])}}))
     assert final_site_metrics(tmp_path, config) == {"site-1": {"dice": 0.5, "loss": 1.0, "dice-1": 0.5},
                                                     "site-2": {"dice": 0.6, "loss": 1.0, "dice-1": 0.6}}
+
+
+def test_a_personalized_segmentation_run_gets_its_row_by_personal_dice(tmp_path: Path) -> None:
+    """FedBN/Ditto sites of a segmentation run report personal-dice (no personal-accuracy): the row is theirs."""
+    config = load_config(None, [*TINY_SEG, "train.local_norm=true"])
+    reported = {name: {"dice": 0.5, "personal-dice": 0.6 + k / 10, "personal-loss": 0.9}
+                for k, name in enumerate(["site-1", "site-2"])}
+    (tmp_path / "summary.json").write_text(json.dumps({"final_site_evaluate": reported}))
+    result = personalized_result(tmp_path, config)
+    assert result is not None and result.method == "FedBN"
+    assert result.per_site == {"site-1": {"dice": 0.6, "loss": 0.9}, "site-2": {"dice": 0.7, "loss": 0.9}}
+    del reported["site-2"]["personal-dice"]  # a site that released no personal Dice: no row
+    (tmp_path / "summary.json").write_text(json.dumps({"final_site_evaluate": reported}))
+    assert personalized_result(tmp_path, config) is None
+    with pytest.raises(ValueError, match=r"data.task='regression'; they know \['classification', 'segmentation'\]"):
+        compared("regression")
 
 
 def _row(strategy: str, seed: int, dice: float) -> dict:
