@@ -18,6 +18,8 @@ import math
 import os
 import platform
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +153,12 @@ def build_model_card(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
     facts = _dataset_facts(config)
     labels = meta.get("label_names") or facts["label_names"] or []
     config_text = to_yaml(config)
-    segmentation = None
-    if config.data.task == "segmentation":  # aggregates as the sites sent them, per structure
-        from server.segmentation_report import segmentation_summary  # noqa: PLC0415
-
-        segmentation = segmentation_summary(evaluate, label_names=list(labels))
+    card_task = task_card(config.data.task)
+    segmentation = card_task.summary(evaluate, list(labels))
     return {
         "model_card_version": 1,
         "run": run_dir.name,
-        "intended_use": INTENDED_USE_SEGMENTATION if segmentation is not None else INTENDED_USE,
+        "intended_use": card_task.intended_use,
         "notice": NOT_FOR_CLINICAL_USE,
         "task": {"dataset": config.data.dataset, "kind": config.data.task, "labels": labels,
                  "num_classes": meta.get("num_classes"),
@@ -222,18 +221,16 @@ def _dp_line(p: dict[str, Any]) -> str:
 def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: dict[str, str]) -> str:
     """The Markdown model card."""
     t, a, p, r = card["task"], card["architecture"], card["privacy"], card["rounds"]
+    card_task = task_card(t.get("kind") or "classification")
     classes = ", ".join(f"{i} = {n}" for i, n in enumerate(t["labels"])) or "–"
     sites = ", ".join(f"{s['name']} ({_count(s['train_examples'])} train / {_count(s['test_examples'])} test)"
                       for s in card["sites"])
     params = ", ".join(f"{k}={v}" for k, v in card["strategy"].items() if k != "name")
-    versions = ", ".join(f"{k} {v}" for k, v in card["software"]["versions"].items() if k != "medfed")
     lines = [
         f"# Model card — medfed run `{card['run']}`", "", f"> **{card['notice']}**", "",
         "## Intended use", "", card["intended_use"], "",
         "## Task and labels", "",
-        f"Dataset `{t['dataset']}`; classes: {classes}. " + (
-            "Segmentation: one class per pixel/voxel (arg-max of the probabilities)." if t.get("kind") == "segmentation"
-            else f"Positive class {t['positive_class']}, operating point P(positive) ≥ {t['threshold']}."), "",
+        f"Dataset `{t['dataset']}`; classes: {classes}. " + card_task.task_line(t), "",
         "## Model and preprocessing", "",
         f"`{a['name']}` (width {a['width']}, {a['norm']} norm, dropout {a['dropout']}), {a['parameters']} "
         f"parameters; input {a['input']}; output: {a['output']}.", "",
@@ -255,12 +252,16 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         lines += ["", "| site | final ε | δ | after round |", "|---|---|---|---|"]
         lines += [f"| {s} | {_num(v['epsilon'])} | {v['delta']} | {v['round']} |"
                   for s, v in sorted(p["final_per_site"].items())]
+    return "\n".join(lines + card_task.evaluation(card, config_yaml, group_names))
+
+
+def _classification_evaluation(card: dict[str, Any], config_yaml: str, group_names: dict[str, str]) -> list[str]:
+    """The card's evaluation and provenance sections of a classifier: per-site rates with intervals, subgroups."""
     m = card["metrics"]
-    if m.get("segmentation") is not None:
-        return "\n".join(lines + _segmentation_evaluation(card, config_yaml))
-    lines += ["", "## Evaluation (site test splits; aggregates only)", "",
-              "| site | n | AUC | sensitivity | specificity | accuracy | ECE | Brier |",
-              "|---|---|---|---|---|---|---|---|"]
+    versions = ", ".join(f"{k} {v}" for k, v in card["software"]["versions"].items() if k != "medfed")
+    lines = ["", "## Evaluation (site test splits; aggregates only)", "",
+             "| site | n | AUC | sensitivity | specificity | accuracy | ECE | Brier |",
+             "|---|---|---|---|---|---|---|---|"]
     if not m["per_site"]:
         lines.append("| n/a (no site sent an evaluation) | | | | | | | |")
     for site, v in (m["per_site"] or {}).items():
@@ -283,11 +284,12 @@ def render_model_card(card: dict[str, Any], *, config_yaml: str, group_names: di
         f"{card['software']['versions'].get('medfed')}, git {card['software']['git_commit'] or 'unknown'}; {versions}.",
         "", f"Exact config (SHA-256 {card['config_sha256']}):", "", "```yaml", config_yaml.rstrip(), "```", "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
-def _segmentation_evaluation(card: dict[str, Any], config_yaml: str) -> list[str]:
+def _segmentation_evaluation(card: dict[str, Any], config_yaml: str, group_names: dict[str, str]) -> list[str]:
     """The card's evaluation and provenance sections of a segmentation run."""
+    del group_names  # segmentation reports no subgroups
     from server.segmentation_report import card_lines  # noqa: PLC0415
 
     final = card["metrics"]["global_final"] or {}
@@ -299,6 +301,56 @@ def _segmentation_evaluation(card: dict[str, Any], config_yaml: str) -> list[str
             f"{card['software']['git_commit'] or 'unknown'}.", "",
             f"Exact config (SHA-256 {card['config_sha256']}):", "", "```yaml", config_yaml.rstrip(), "```", ""]
 
+
+
+def _segmentation_summary(evaluate: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """Per-structure aggregates as the sites sent them (:func:`server.segmentation_report.segmentation_summary`)."""
+    from server.segmentation_report import segmentation_summary  # noqa: PLC0415
+
+    return segmentation_summary(evaluate, label_names=labels)
+
+
+@dataclass(frozen=True)
+class TaskCard:
+    """What a model card says that depends on the run's task (``data.task``).
+
+    Attributes:
+        intended_use: The card's intended-use paragraph.
+        task_line: The "Task and labels" sentence after the class names, from the card's ``task`` facts.
+        summary: The task's own aggregates from the sites' latest evaluate rows and the label names,
+            kept under ``metrics.segmentation`` (None: the classifier's, from the clinical report's fairness.json).
+        evaluation: The evaluation and provenance sections, from the card, the config's YAML and the subgroup names.
+    """
+
+    intended_use: str
+    task_line: Callable[[dict[str, Any]], str]
+    summary: Callable[[dict[str, Any], list[str]], dict[str, Any] | None]
+    evaluation: Callable[[dict[str, Any], str, dict[str, str]], list[str]]
+
+
+#: Each task's model card (``data.task`` -> :class:`TaskCard`); a new task adds its own here.
+TASK_CARDS: dict[str, TaskCard] = {
+    "classification": TaskCard(
+        intended_use=INTENDED_USE,
+        task_line=lambda t: f"Positive class {t['positive_class']}, operating point P(positive) ≥ {t['threshold']}.",
+        summary=lambda evaluate, labels: None,
+        evaluation=_classification_evaluation,
+    ),
+    "segmentation": TaskCard(
+        intended_use=INTENDED_USE_SEGMENTATION,
+        task_line=lambda t: "Segmentation: one class per pixel/voxel (arg-max of the probabilities).",
+        summary=_segmentation_summary,
+        evaluation=_segmentation_evaluation,
+    ),
+}
+
+
+def task_card(task: str) -> TaskCard:
+    """The model card of ``data.task`` (raises ValueError naming the tasks that have one)."""
+    try:
+        return TASK_CARDS[task]
+    except KeyError:
+        raise ValueError(f"no model card for data.task={task!r}; the tasks with one are {sorted(TASK_CARDS)}") from None
 
 def write_model_card(run_dir: Path, config: ExperimentConfig) -> tuple[Path, Path]:
     """Write ``model_card.json`` and ``model_card.md`` into the run directory."""

@@ -24,9 +24,12 @@ class Task(ABC):
             report ``best_global_<headline>``, plots and tables show it first.
         clinical_reports: Whether the research report (:mod:`simulations.research_report`,
             a classifier's) applies to its runs; where not, it is skipped with
-            :attr:`reports_skipped_reason` (recorded, not a failure). The clinical report,
-            model card and simulation gallery have a segmentation version
-            (:mod:`server.segmentation_report`, :func:`simulations.gallery.write_contour_gallery`).
+            :attr:`reports_skipped_reason` (recorded, not a failure). The layers above
+            keep each task's own report parts in registries keyed by the task's name: the
+            clinical report (``server.clinical_report.CLINICAL_REPORTS``), the model card
+            (``server.model_card.TASK_CARDS``), the simulation gallery
+            (``simulations.gallery.GALLERIES``) and the baselines' metrics
+            (``simulations.baselines.COMPARED``); a new task adds an entry to each.
     """
 
     name: ClassVar[str] = ""
