@@ -149,6 +149,11 @@ def test_two_secure_rounds_with_tls_and_auth_survive_a_killed_site(consortium: L
         assert 0.0 <= record["global"]["auc"] <= 1.0
         for site in record["sites"].values():  # under secure aggregation a site's count is not sent
             assert "num-examples" not in site["train"] and site["train"]["epsilon"] > 0
+    audit = consortium.workdir / "state" / SITES[0] / SITES[0] / "audit.jsonl"  # a survivor's own record
+    stages = [(e["round"], e.get("stage") or e["event"]) for e in map(json.loads, audit.read_text().splitlines())
+              if e["event"] in ("secagg", "train")]
+    assert stages == [(1, "advertise"), (1, "share"), (1, "train"), (1, "unmask"),  # round 2's keys and shares
+                      (2, "train"), (2, "unmask")]  # rode on round 1's unmask exchange: one extra exchange a round
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     assert (run_dir / "config.yaml").read_text().count("round_timeout: 600.0") == 1
 
