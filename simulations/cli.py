@@ -113,7 +113,7 @@ def simulate_command(
     # the ServerApp recorded the export, clinical report and model card in outputs.json; the harness's own follow
     outputs = RunOutputs.load(run_dir)
     plots = outputs.produce("plots", lambda: write_plots(run_dir))
-    skipped = get_task(resolved.data.task).reports_skipped_reason  # segmentation: no research report yet
+    skipped = get_task(resolved.data.task).reports_skipped_reason  # a task the research report does not know
     simulation_gallery(run_dir, outputs)  # simulation only: reads the simulated sites' images locally
     if skipped is not None:
         outputs.skip("research report", skipped)

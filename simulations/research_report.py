@@ -21,9 +21,10 @@ from federation.config import ExperimentConfig, load_config
 from federation.data import describe_sites
 from federation.data.scenario import site_profile
 from federation.faults import fault_schedule
+from federation.tasks import headline_metric
 from server.fairness import NO_SITE_VALUE, NOT_REPORTED, na_reason
 from server.run_dir import CONFIG_FILE, PRIVACY_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
-from simulations.baselines import baselines_markdown, final_site_metrics, read_baselines
+from simulations.baselines import baselines_markdown, compared, final_site_metrics, read_baselines
 from simulations.report import PLOTS_DIR, write_plots
 from simulations.scenario import describe_scenario
 
@@ -103,28 +104,40 @@ def _settings(config: ExperimentConfig) -> list[str]:
     ]
 
 
+#: How the results table names a metric.
+_LABELS = {"auc": "AUC", "accuracy": "accuracy", "loss": "loss", "dice": "Dice"}
+#: The rate whose counts explain a missing headline value (:func:`server.fairness.na_reason`).
+_NA_RATES = {"auc": "roc-auc"}
+
+
 def _results(run_dir: Path, summary: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """Each site's and the pooled test metrics of the final global model: the task's headline first."""
+    headline = headline_metric(config.data.task)
+    metrics = [headline, *(m for m in compared(config.data.task).metrics if m != headline)]
+    label = {m: _LABELS.get(m, m) for m in metrics}
     lines = ["The final global model on each site's own test split:", "",
-             "| site | test AUC | test accuracy | test loss | epsilon spent |", "|---|---:|---:|---:|---:|"]
+             "| site | " + " | ".join(f"test {label[m]}" for m in metrics) + " | epsilon spent |",
+             "|---|" + "---:|" * (len(metrics) + 1)]
     site_eval = final_site_metrics(run_dir, config) if summary else {}
     eps = (summary.get("privacy") or {}).get("epsilon_per_site") or {}
     reported = summary.get("final_site_evaluate") or {}
     for site in sorted(set(site_eval) | set(eps), key=lambda name: (len(name), name)):
         m = site_eval.get(site, {})
-        why = na_reason(reported[site], "roc-auc") if site in reported else "no evaluation of this site"
+        why = "no evaluation of this site" if site not in reported else (
+            na_reason(reported[site], _NA_RATES[headline]) if headline in _NA_RATES else NOT_REPORTED)
         spent = _f(eps.get(site), 2, reason="no ledger entry") if config.privacy.enabled else "no DP"
-        lines.append(f"| {site} | {_f(m.get('auc'), reason=why)} | {_f(m.get('accuracy'), reason=NOT_REPORTED)} | "
-                     f"{_f(m.get('loss'), reason=NOT_REPORTED)} | {spent} |")
+        cells = [_f(m.get(headline), reason=why), *(_f(m.get(k), reason=NOT_REPORTED) for k in metrics[1:])]
+        lines.append(f"| {site} | {' | '.join(cells)} | {spent} |")
     if site_eval:
-        mean = {k: _mean([m.get(k, math.nan) for m in site_eval.values()]) for k in ("auc", "accuracy")}
-        lines.append(f"| mean over sites | {_f(mean['auc'], reason=NO_SITE_VALUE)} | "
-                     f"{_f(mean['accuracy'], reason=NO_SITE_VALUE)} | | |")
+        means = [_f(_mean([m.get(k, math.nan) for m in site_eval.values()]), reason=NO_SITE_VALUE)
+                 for k in metrics if k != "loss"]
+        lines.append("| mean over sites | " + " | ".join(means) + " |" + " |" * (len(metrics) - len(means) + 1))
     final = summary.get("final_global") or {}
     central = None if final else "no central evaluation"
+    shown = ", ".join(f"{label[k]} {_f(final.get(k), reason=central)}" for k in metrics)
+    best = _f(summary.get(f"best_global_{headline}"), reason=central or "undefined in every round")
     lines += ["", f"Global model on the pooled test split (no site shift) after round "
-              f"{summary.get('rounds_completed')}: AUC {_f(final.get('auc'), reason=central)}, accuracy "
-              f"{_f(final.get('accuracy'), reason=central)}, loss {_f(final.get('loss'), reason=central)}; best AUC "
-              f"{_f(summary.get('best_global_auc'), reason=central or 'undefined in every round')} "
+              f"{summary.get('rounds_completed')}: {shown}; best {label[headline]} {best} "
               f"(round {_f(summary.get('best_round'))})."]
     return lines
 

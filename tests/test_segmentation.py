@@ -167,6 +167,15 @@ def test_one_round_synthetic_seg_federation_writes_dice(tmp_path: Path) -> None:
     recorded = RunOutputs.load(run_dir).written()  # outputs.json names it as what it is
     assert [p.name for p in recorded["contour gallery"]] == ["site-1.png", "site-2.png"]
     assert "Grad-CAM gallery" not in recorded
+    from simulations.research_report import write_run_report  # ranked by Dice, as the baselines are
+
+    research = write_run_report(run_dir).read_text()
+    sent = {row["site"]: row["metrics"] for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
+            if row["phase"] == "evaluate" and row["round"] == 1}
+    assert "| site | test Dice | test loss | epsilon spent |" in research
+    shown = [site for site in ("site-1", "site-2") if "dice" in sent[site]]  # under 5 cases a site withholds Dice
+    assert shown and all(f"| {site} | {sent[site]['dice']:.3f} |" in research for site in shown)
+    assert f"after round 1: Dice {final['dice']:.3f}, loss {final['loss']:.3f}; best Dice" in research
     assert "## Contour gallery (simulation only)" in (run_dir / "clinical" / "report.md").read_text()
     evaluated = [row for row in map(json.loads, (run_dir / "sites.jsonl").read_text().splitlines())
                  if row["phase"] == "evaluate"]

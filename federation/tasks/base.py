@@ -22,8 +22,9 @@ class Task(ABC):
         name: The ``data.task`` value.
         headline: The metric that ranks rounds and runs (``auc``, ``dice``): summaries
             report ``best_global_<headline>``, plots and tables show it first.
-        clinical_reports: Whether the research report (:mod:`simulations.research_report`,
-            a classifier's) applies to its runs; where not, it is skipped with
+        clinical_reports: Whether the research report (:mod:`simulations.research_report`:
+            scenario, sites, participation, the headline and the baselines' metrics per site)
+            applies to its runs; where not, it is skipped with
             :attr:`reports_skipped_reason` (recorded, not a failure). The layers above
             keep each task's own report parts in registries keyed by the task's name: the
             clinical report (``server.clinical_report.CLINICAL_REPORTS``), the model card

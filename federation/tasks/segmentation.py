@@ -72,7 +72,7 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     headline = "dice"
-    clinical_reports = False
+    clinical_reports = True
 
     def __init__(self) -> None:
         from monai.losses import DiceCELoss, DiceLoss  # noqa: PLC0415 - MONAI loads with the task
