@@ -108,7 +108,9 @@ def simulate_command(
     console.print(round_table(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     eps = summary["privacy"]["epsilon_per_site"]
-    if eps:
+    if not resolved.privacy.enabled:  # a site without DP-SGD records 0 spent, which is no guarantee at all
+        console.print("no differential privacy (privacy.enabled=false): the updates carry no ε guarantee")
+    elif eps:
         console.print("ε per site: " + ", ".join(f"{s} {e:.2f}" for s, e in sorted(eps.items())))
     # the ServerApp recorded the export, clinical report and model card in outputs.json; the harness's own follow
     outputs = RunOutputs.load(run_dir)

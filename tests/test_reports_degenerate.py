@@ -211,13 +211,15 @@ def test_clinical_report_command_names_a_failed_output_exits_1_and_keeps_the_rec
     assert RunOutputs.load(run).failures() == {"clinical report": "ValueError: 'yerr' must not contain negative values"}
 
 
+@pytest.mark.parametrize("dp", [True, False])
 def test_simulate_names_only_outputs_that_exist_and_exits_1_on_a_failed_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dp: bool
 ) -> None:
     import simulations.cli as cli
     from simulations.harness import resolve_config, run_dir_of
 
-    config = resolve_config(overrides=[f"server.out_dir={tmp_path}", "server.run_name=r", "server.rounds=1"])
+    config = resolve_config(overrides=[f"server.out_dir={tmp_path}", "server.run_name=r", "server.rounds=1",
+                                       f"privacy.enabled={str(dp).lower()}"])
     run = run_dir_of(config)
 
     def fake_simulate(resolved: object, **kwargs: object) -> Path:  # what the ServerApp leaves behind
@@ -225,7 +227,8 @@ def test_simulate_names_only_outputs_that_exist_and_exits_1_on_a_failed_one(
         (run / "config.yaml").write_text(to_yaml(config))
         (run / "rounds.jsonl").write_text(json.dumps({"round": 1, "global": {"auc": 0.7}, "sites": {"site-1": {}},
                                                       "aggregated": True}) + "\n")
-        (run / "summary.json").write_text(json.dumps({"privacy": {"epsilon_per_site": {}}, "rounds_completed": 1}))
+        spent = {"site-1": 2.5 if dp else 0.0}  # a site without DP-SGD records 0 spent
+        (run / "summary.json").write_text(json.dumps({"privacy": {"epsilon_per_site": spent}, "rounds_completed": 1}))
         outputs = RunOutputs(run)
         outputs.produce("model card", lambda: (run / "model_card.md").write_text("card") and run / "model_card.md")
         outputs.fail("clinical report", "ValueError: 'yerr' must not contain negative values")
@@ -245,6 +248,10 @@ def test_simulate_names_only_outputs_that_exist_and_exits_1_on_a_failed_one(
     assert _words("could not write clinical report: ValueError: 'yerr' must not contain negative values") in output
     assert "exportedmodel:" not in output
     assert (run / "rounds.jsonl").is_file()
+    if dp:
+        assert _words("ε per site: site-1 2.50") in output
+    else:  # not "ε 0.00", which would read as perfect privacy
+        assert _words("no differential privacy (privacy.enabled=false)") in output and "εpersite" not in output
 
 
 @pytest.mark.integration
