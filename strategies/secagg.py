@@ -151,7 +151,6 @@ class SecureAggregation(StrategyWrapper):
         self._ahead: _SharedAhead | None = None
         self.last_outcome: str = ""
         self.last_weight: int | None = None  # the round's total weight: all the coordinator learns of the counts
-        self.round_params = params
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -172,12 +171,10 @@ class SecureAggregation(StrategyWrapper):
         if ahead is not None and ahead.server_round == server_round and set(nodes) == set(ahead.shared):
             state.params, state.public_keys, graph, shared = ahead.params, ahead.public_keys, ahead.graph, ahead.shared
         else:  # round 1, a changed sample or a lost reply: the sites that shared ahead make fresh keys
-            spent = set(ahead.shared) if ahead is not None and ahead.server_round == server_round else set()
-            staged = self._share_stage(state, nodes, grid, spent=spent)
+            staged = self._share_stage(state, nodes, grid)
             if staged is None:
                 return []
             graph, shared = staged
-        self.round_params = state.params
         routed: dict[int, dict[int, bytes]] = {}
         for source, record in shared.items():
             for destination, ciphertext in zip(record["dsts"], record["ctxts"]):
@@ -202,12 +199,12 @@ class SecureAggregation(StrategyWrapper):
         threshold = threshold_for(holders=holders, fraction=self.threshold_fraction)
         return holders, SecAggParams(**{**self.params.to_config(), "threshold": threshold})
 
-    def _share_stage(self, state: _Round, nodes: Sequence[int], grid: Grid, *,
-                     spent: set[int]) -> tuple[dict[int, list[int]], dict[int, ConfigRecord]] | None:
+    def _share_stage(self, state: _Round, nodes: Sequence[int],
+                     grid: Grid) -> tuple[dict[int, list[int]], dict[int, ConfigRecord]] | None:
         """Stages 1-2 as their own exchanges (None: too few sites); with every site sampled, the share
         replies carry the next round's keys."""
         holders, state.params = self._params_for(len(nodes))
-        state.public_keys = self._public_keys(state.server_round, nodes, grid, spent=spent)
+        state.public_keys = self._public_keys(state.server_round, nodes, grid)
         if not self._enough(len(state.public_keys), state.params, "advertised keys"):
             return None
         graph = share_graph(sorted(state.public_keys), holders=holders, rng=random.Random(secrets.randbits(64)))
@@ -221,12 +218,15 @@ class SecureAggregation(StrategyWrapper):
             return None
         return graph, shared
 
-    def _public_keys(self, server_round: int, nodes: Sequence[int], grid: Grid, *,
-                     spent: set[int]) -> dict[int, tuple[bytes, bytes]]:
-        """The sampled sites' public keys: made ahead in the previous round, or asked for now (stage 1)."""
+    def _public_keys(self, server_round: int, nodes: Sequence[int], grid: Grid) -> dict[int, tuple[bytes, bytes]]:
+        """The sampled sites' public keys: made ahead and not yet shared, or asked for now (stage 1).
+
+        Keys a site shared ahead were taken out of ``_keys`` when they were sent in the share
+        step, so such a site is asked for fresh ones.
+        """
         ahead = self._keys.pop(server_round, {})
         self._keys = {r: keys for r, keys in self._keys.items() if r > server_round}
-        known = {n: ahead[n] for n in nodes if n in ahead and n not in spent}
+        known = {n: ahead[n] for n in nodes if n in ahead}
         missing = [n for n in nodes if n not in known]
         if missing:
             for later in self._keys.values():  # fresh keys for this round replace a site's keys for later rounds
@@ -262,7 +262,7 @@ class SecureAggregation(StrategyWrapper):
         state, grid = self._round, self._grid
         if state is None or grid is None or not replies:
             return None, None
-        params = self.round_params
+        params = state.params
         masked = {int(r.metadata.src_node_id): r.content["arrays"][MASKED_ARRAY].numpy().astype(np.uint64)
                   for r in replies if "arrays" in r.content and MASKED_ARRAY in r.content["arrays"]}
         if not self._enough(len(masked), params, "sent a masked update"):

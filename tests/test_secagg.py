@@ -378,3 +378,20 @@ def test_a_hostile_share_step_sent_ahead_is_left_unanswered_and_the_unmask_still
     assert len(reply["secagg"]["shares"]) == len(NODES)  # round 1 is still unmasked
     kept = [grid.contexts[node].state[slot] for slot in ("secagg", "secagg-later") if slot in grid.contexts[node].state]
     assert [(r["server_round"], r["stage"]) for r in kept] == [(2, "advertised")]  # round 2 can still be shared
+
+
+def test_the_outbound_guard_lets_only_shares_and_keys_ride_ahead():
+    """What a site sends in the next round's share step (the ``secagg-ahead`` record) passes the same guard."""
+    from client.guard import OutboundViolation
+    from client.secagg import check_stage_reply
+
+    unmask = ConfigRecord({"nids": ["3"], "shares": [b"s"]})
+    ahead = {"dsts": ["17"], "ctxts": [b"c"], "pk1": b"k" * 32, "pk2": b"k" * 32}
+    assert check_stage_reply(RecordDict({"secagg": unmask, "secagg-ahead": ConfigRecord(ahead)}), stage="unmask")
+    for extra in ({"loss": 0.3}, {"dsts": ["17"], "ctxts": ["a patient's name"]}):
+        bad = RecordDict({"secagg": unmask, "secagg-ahead": ConfigRecord({**ahead, **extra})})
+        with pytest.raises(OutboundViolation):
+            check_stage_reply(bad, stage="unmask")
+    with pytest.raises(OutboundViolation, match="carries"):  # only an unmask reply carries a share step ahead
+        check_stage_reply(RecordDict({"secagg": ConfigRecord({"pk1": b"k", "pk2": b"k"}),
+                                      "secagg-ahead": ConfigRecord(ahead)}), stage="advertise")
