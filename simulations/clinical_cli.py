@@ -316,10 +316,10 @@ def simulation_gallery(run_dir: Path, outputs: RunOutputs) -> list[Path]:
     """
     from federation.config import load_config
     from server.run_dir import CONFIG_FILE
-    from simulations.gallery import GALLERIES
+    from simulations.gallery import gallery_for
 
     config = load_config(run_dir / CONFIG_FILE)
-    gallery = GALLERIES.get(config.data.task)
+    gallery = gallery_for(config.data.task)
     if gallery is None:
         return []
     return outputs.produce(gallery.output, lambda: gallery.write(run_dir, config=config))

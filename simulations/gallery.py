@@ -61,11 +61,16 @@ def write_gallery(run_dir: str | os.PathLike[str], *, config: ExperimentConfig |
     """
     run = Path(run_dir)
     config = config or load_config(run / CONFIG_FILE)
-    gallery = GALLERIES.get(config.data.task)
+    gallery = gallery_for(config.data.task)
+    return [] if gallery is None else gallery.write(run, config=config)
+
+
+def gallery_for(task: str) -> Gallery | None:
+    """The simulation gallery of ``data.task`` (:data:`GALLERIES`), or None (logged) for a task without one."""
+    gallery = GALLERIES.get(task)
     if gallery is None:
-        logger.info("no simulation gallery for data.task=%s (galleries: %s)", config.data.task, sorted(GALLERIES))
-        return []
-    return gallery.write(run, config=config)
+        logger.info("no simulation gallery for data.task=%s (galleries: %s)", task, sorted(GALLERIES))
+    return gallery
 
 
 def write_attribution_gallery(
