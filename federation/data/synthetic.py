@@ -81,7 +81,11 @@ def _lines(amp: np.ndarray, ends: np.ndarray, width: np.ndarray, grid: np.ndarra
     dist2 = (px - x0 - t * dx).square_() + (py - y0 - t * dy).square_()
     w = torch.from_numpy(width[image, line].astype(np.float32))[:, None, None]
     a = torch.from_numpy(amp[image, line].astype(np.float32))[:, None, None]
-    out.index_add_(0, torch.from_numpy(image), a * torch.exp_(dist2 / (-2.0 * w * w)))
+    # exp in NumPy, on one thread: torch splits an exp across its threads, and where a split falls decides which
+    # elements its vectorised or its scalar exp computes (they differ by up to 3e-5 here), so the same seed gave
+    # different images in about one process in five.
+    gauss = torch.from_numpy(np.exp(dist2.numpy() / (-2.0 * w.numpy() * w.numpy())))
+    out.index_add_(0, torch.from_numpy(image), a * gauss)
     return out.numpy()
 
 
