@@ -395,3 +395,32 @@ def test_the_outbound_guard_lets_only_shares_and_keys_ride_ahead():
     with pytest.raises(OutboundViolation, match="carries"):  # only an unmask reply carries a share step ahead
         check_stage_reply(RecordDict({"secagg": ConfigRecord({"pk1": b"k", "pk2": b"k"}),
                                       "secagg-ahead": ConfigRecord(ahead)}), stage="advertise")
+
+
+@pytest.mark.parametrize("ahead_round, later, answered", [(3, None, False), (2, 4, False), (2, 3, True)])
+def test_a_share_step_ahead_for_another_round_or_keys_too_far_ahead_are_not_answered(
+        flower_task_identity, ahead_round, later, answered):
+    """Sent ahead with round 1's unmask: a share step for round 3 is left out (round 1 still unmasks); a share step
+    asking for keys of round 4 (not its next round) is left out as well; the honest one (round 2, keys of 3) is not."""
+    updates, examples, global_arrays = _federation()
+    grid = FakeGrid({n: _protocol_site(updates[n], examples[n]) for n in NODES})
+    strategy = SecureAggregation(inner=FedAvg(), params=PARAMS, num_shares=0, threshold_fraction=0.6, timeout=None)
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()})
+    grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord({}), grid))
+    node = NODES[0]
+    others = [n for n in NODES if n != node]
+    keys = strategy._keys[2]  # the neighbours' real round-2 keys, sent with their share replies of round 1
+    ahead = {"stage": "share", "round": ahead_round, **_params(3).to_config(), "nids": [str(n) for n in others],
+             "pk1s": [keys[n][0] for n in others], "pk2s": [keys[n][1] for n in others]}
+    if later is not None:
+        ahead["next"] = later
+    unmask = {"stage": "unmask", "round": 1, "active": [str(n) for n in NODES], "dropped": []}
+    request = Message(RecordDict({"secagg": ConfigRecord(unmask), "secagg-ahead": ConfigRecord(ahead),
+                                  "config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                      message_type="query.secagg")
+    stage, reply = answer_stage(request, grid.contexts[node])
+    assert len(reply["secagg"]["shares"]) == len(NODES)  # round 1 is unmasked either way
+    assert set(reply.keys()) == ({"secagg", "secagg-ahead"} if answered else {"secagg"})
+    kept = [grid.contexts[node].state[slot] for slot in ("secagg", "secagg-later") if slot in grid.contexts[node].state]
+    assert [(r["server_round"], r["stage"]) for r in kept] == (
+        [(2, "shared"), (3, "advertised")] if answered else [(2, "advertised")])
